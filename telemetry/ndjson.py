@@ -1,0 +1,731 @@
+"""NDJSONWriter: the append-only journal of runs and events, one file per UTC day.
+
+Each line of ``events_YYYYMMDD.ndjson`` is one JSON object whose ``record_type`` is
+``run_start``, ``run_end`` or ``event``. The journal is the source of truth: the SQLite
+index can be rebuilt from it.
+
+An append is one ``os.write`` of one whole line to a file opened with O_APPEND, made under
+a thread lock and an exclusive ``flock`` (through portalocker), so lines from threads and
+processes never interleave. The fsync comes after the lock is released, so concurrent
+appends can share one fsync (group commit). A process that dies during a write can leave a
+last line without its newline. The next append ends that line first, and readers skip and
+count lines that do not parse.
+
+``durability`` sets when a line reaches the disk:
+
+=========  ===================================================================================
+mode       a line is on disk when
+=========  ===================================================================================
+fsync      append() returns; appends that wait at the same time share one fsync
+batch      a background thread fsyncs, at most ``batch_interval`` seconds after the write
+none       the OS writes it back, or flush() or close() is called
+=========  ===================================================================================
+
+In every mode the line is handed to the OS before append() returns, so it survives a crash
+of the process. A file is also fsynced before the writer switches to the next day's file.
+
+Needs a POSIX system: the torn-line check uses ``os.pread`` and the fork handling uses
+``os.register_at_fork``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import logging
+import math
+import os
+import re
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+import portalocker
+
+from telemetry._logutil import RepeatLimiter
+from telemetry.config import DURABILITY_MODES
+from telemetry.encoding import make_jsonable
+from telemetry.errors import ConfigError
+from telemetry.models import parse_timestamp
+
+__all__ = [
+    "DIRECTORY_MODE",
+    "FILE_MODE",
+    "RECORD_TYPES",
+    "JournalReadResult",
+    "NDJSONWriter",
+]
+
+logger = logging.getLogger("telemetry.journal")
+
+RECORD_TYPES = ("run_start", "run_end", "event")
+DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
+FILE_PREFIX = "events_"
+FILE_SUFFIX = ".ndjson"
+
+# O_RDWR rather than O_WRONLY, because the torn-line check reads the last byte.
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+
+# A repeated warning (the same field and reason) is logged the first time, then every 100th.
+_REPEAT_BURST = 1
+_REPEAT_EVERY = 100
+
+# Maximum time close() waits for the batch thread, which may be in the middle of an fsync.
+_THREAD_JOIN_TIMEOUT_SECONDS = 5.0
+
+_DATE_PATTERN = re.compile(r"([0-9]{4})-?([0-9]{2})-?([0-9]{2})")
+_DATE_FORMS = "YYYYMMDD or YYYY-MM-DD, such as 20261204 or 2026-12-04"
+
+# fdatasync also writes back the file size, which is all a reader needs after an append.
+_sync_file_data: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+class JournalReadResult(NamedTuple):
+    """The records of one journal file and the number of lines that could not be parsed."""
+
+    path: Path
+    records: list[dict[str, Any]]
+    corrupt_lines: int
+
+
+class NDJSONWriter:
+    """Append records to the daily journal files in ``directory``, and read them back.
+
+    Thread-safe, and safe for several processes that append to the same directory. In a
+    child made by ``os.fork()`` the writer opens its file again on the next append, so the
+    child's lock is its own. The writer keeps at most one file open: the file of the day of
+    the last record it wrote.
+
+    Attributes:
+        directory: the directory of the journal files, created on the first append.
+        durability: ``"fsync"``, ``"batch"`` or ``"none"``, as the module documents.
+        batch_interval: maximum seconds between a write and its fsync in ``"batch"`` mode.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        durability: str = "fsync",
+        batch_interval: float = 1.0,
+    ) -> None:
+        """Create a writer for ``directory``, which the first append creates.
+
+        Raises:
+            ConfigError: (a ValueError) ``durability`` is not one of fsync, batch, none, or
+                ``batch_interval`` is not a positive, finite number of seconds.
+        """
+        if durability not in DURABILITY_MODES:
+            raise ConfigError("durability", durability, f"one of {', '.join(DURABILITY_MODES)}")
+        if (
+            isinstance(batch_interval, bool)
+            or not isinstance(batch_interval, (int, float))
+            or not math.isfinite(batch_interval)
+            or batch_interval <= 0
+        ):
+            raise ConfigError("batch_interval", batch_interval, "a number of seconds > 0")
+
+        self.directory = Path(directory)
+        self.durability = durability
+        self.batch_interval = float(batch_interval)
+        # Tests replace this to count or hold the fsyncs of journal files.
+        self._fsync: Callable[[int], None] = _sync_file_data
+        self._closed = False
+        self._reset_state()
+        _live_writers.add(self)
+
+    def __repr__(self) -> str:
+        return f"NDJSONWriter({str(self.directory)!r}, durability={self.durability!r})"
+
+    def _reset_state(self) -> None:
+        # Locks, the open file and the sequence numbers: everything a forked child replaces.
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._date: str | None = None
+        # Lines are numbered in the order they were written. _synced_seq is the highest
+        # number known to be on disk, and _flushing is True while one thread (the leader)
+        # runs an fsync on behalf of every line written so far.
+        self._written_seq = 0
+        self._synced_seq = 0
+        self._flushing = False
+        self._durable = threading.Condition(threading.Lock())
+        self._batch_thread: threading.Thread | None = None
+        self._batch_stop = threading.Event()
+        self._repeats = RepeatLimiter(burst=_REPEAT_BURST, every=_REPEAT_EVERY)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def append(
+        self, record_type: str, data: Mapping[str, Any], *, timestamp: str | None = None
+    ) -> None:
+        """Write one record as one line of the journal file of its UTC day.
+
+        The line is ``{"record_type": record_type, **data}``. Values that JSON cannot hold
+        are converted as ``telemetry.encoding`` documents, and each conversion is logged as a
+        WARNING that names the field and the run_id (the first of each field and reason,
+        then every 100th).
+
+        The file's day is the UTC date of ``timestamp`` if given, else of the record's
+        ``timestamp``, else its ``end_time`` (run_end only), else its ``start_time``, else
+        of the current time. ``timestamp`` only selects the file and is not added to the
+        line. An invalid time in ``data`` is logged as a WARNING and the current time is used.
+
+        In ``"fsync"`` mode the call returns after the line is on disk. In the other modes
+        it returns after the OS has the line.
+
+        Raises:
+            ValueError: ``record_type`` is unknown, ``data`` has a different
+                ``record_type``, ``timestamp`` is not ISO 8601 with an offset, or the writer
+                is closed.
+            TypeError: ``data`` is not a mapping.
+            OSError: the directory or file cannot be created, locked, written or fsynced.
+                After a partial write, such as on a full disk, the next append ends the
+                partial line and readers count it as corrupt.
+        """
+        if record_type not in RECORD_TYPES:
+            raise ValueError(
+                f"unknown record_type {record_type!r}: expected one of {', '.join(RECORD_TYPES)}"
+            )
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data must be a mapping such as a dict, not {type(data).__name__}")
+        if data.get("record_type", record_type) != record_type:
+            raise ValueError(
+                f"data has record_type {data['record_type']!r} but the record is appended as "
+                f"{record_type!r}: remove the key from data or pass the same value"
+            )
+
+        date = self._record_date(record_type, data, timestamp)
+        line = self._encode_line(record_type, data)
+        seq, closed_torn_line = self._write_line(date, line)
+
+        if closed_torn_line:
+            logger.warning(
+                "closed a torn last line in %s with a newline before appending; readers skip "
+                "that line and count it as corrupt",
+                self.file_path(date),
+            )
+        if self.durability == "fsync":
+            self._wait_until_durable(seq)
+
+    def flush(self) -> None:
+        """Fsync every line this writer has written so far, and return when they are on disk.
+
+        Raises:
+            OSError: the fsync failed, or the writer was closed and its final fsync failed.
+        """
+        with self._lock:
+            target = self._written_seq
+        self._wait_until_durable(target)
+
+    def close(self) -> None:
+        """Stop the batch thread, fsync and close the open file. A second call does nothing.
+
+        Appends after close() raise ValueError.
+
+        Raises:
+            OSError: the final fsync failed. The file is closed all the same.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread, self._batch_thread = self._batch_thread, None
+            self._batch_stop.set()
+
+        if thread is not None:
+            thread.join(_THREAD_JOIN_TIMEOUT_SECONDS)
+            if thread.is_alive():
+                logger.warning(
+                    "the batch fsync thread of the journal in %s did not stop within %.0f s",
+                    self.directory,
+                    _THREAD_JOIN_TIMEOUT_SECONDS,
+                )
+
+        with self._lock:
+            fd, self._fd, self._date = self._fd, None, None
+            target = self._written_seq
+            if fd is None:
+                return
+            try:
+                self._fsync(fd)
+                self._publish_synced(target)
+            finally:
+                os.close(fd)
+                with self._durable:
+                    self._durable.notify_all()
+
+    def _record_date(self, record_type: str, data: Mapping[str, Any], timestamp: str | None) -> str:
+        if timestamp is not None:
+            return _utc_date(timestamp)
+
+        for key in _time_keys(record_type):
+            value = data.get(key)
+            if value is None:
+                continue
+            try:
+                return _utc_date(value)
+            except (ValueError, TypeError):
+                today = _utc_date(datetime.datetime.now(datetime.timezone.utc))
+                self._repeats.log(
+                    logger,
+                    logging.WARNING,
+                    ("time", record_type, key),
+                    "run %s: invalid %s %.80r in the %s record, so it goes to today's file, %s",
+                    data.get("run_id"),
+                    key,
+                    value,
+                    record_type,
+                    today,
+                )
+                return today
+        return _utc_date(datetime.datetime.now(datetime.timezone.utc))
+
+    def _encode_line(self, record_type: str, data: Mapping[str, Any]) -> bytes:
+        converted, issues = make_jsonable(data, record_type)
+        for issue in issues:
+            self._repeats.log(
+                logger,
+                logging.WARNING,
+                ("convert", issue.path, issue.reason),
+                "run %s: %s: %s",
+                data.get("run_id"),
+                issue.path,
+                issue.reason,
+            )
+
+        # make_jsonable leaves only JSON types, nested at most MAX_DEPTH levels, which
+        # orjson always encodes.
+        record = {"record_type": record_type, **converted}
+        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+
+    def _write_line(self, date: str, line: bytes) -> tuple[int, bool]:
+        # Return the line's sequence number and whether a torn last line was closed first.
+        with self._lock:
+            if self._closed:
+                raise ValueError(
+                    f"the journal writer for {self.directory} is closed: create a new "
+                    "NDJSONWriter to append"
+                )
+            fd = self._file_for_date(date)
+
+            _lock_file(fd)
+            try:
+                torn = _ends_with_torn_line(fd)
+                _write_all(fd, b"\n" + line if torn else line)
+            finally:
+                _unlock_file(fd)
+
+            self._written_seq += 1
+            if self.durability == "batch" and self._batch_thread is None:
+                self._start_batch_thread()
+            return self._written_seq, torn
+
+    def _file_for_date(self, date: str) -> int:
+        # Called with self._lock held.
+        if self._fd is not None and self._date == date:
+            return self._fd
+        if self._fd is not None and self._date is not None:
+            self._retire_file(self._fd, self._date)
+            self._fd = None
+            self._date = None
+
+        _make_private_directory(self.directory)
+        path = self.file_path(date)
+        try:
+            fd = os.open(path, _OPEN_FLAGS | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            fd = os.open(path, _OPEN_FLAGS, FILE_MODE)
+        else:
+            # A new file's directory entry reaches the disk only with an fsync of the directory.
+            _fsync_directory(self.directory)
+        self._fd = fd
+        self._date = date
+        return fd
+
+    def _retire_file(self, fd: int, date: str) -> None:
+        # Called with self._lock held, when the day changes. The file is fsynced before it is
+        # closed because the leader of the next group commit fsyncs only the new file.
+        try:
+            self._fsync(fd)
+            self._publish_synced(self._written_seq)
+        except OSError as exc:
+            # NOTE: lines written to this file before the failure count as durable once the
+            # next group commit fsyncs the new file, although they may not be on disk.
+            logger.error(
+                "fsync of %s failed before switching to the next day's file: %s; its last "
+                "lines may be lost on power loss",
+                self.file_path(date),
+                exc,
+            )
+        finally:
+            os.close(fd)
+
+    # -- group commit and the batch thread -------------------------------------------------------
+
+    def _wait_until_durable(self, seq: int) -> None:
+        """Return when line ``seq`` is on disk, fsyncing as the leader if no fsync is running."""
+        with self._durable:
+            while self._flushing and self._synced_seq < seq:
+                self._durable.wait()
+            if self._synced_seq >= seq:
+                return
+            self._flushing = True
+
+        # NOTE: when the leader's fsync fails, a waiting thread becomes the next leader and
+        # fsyncs again. Linux reports a write-back error to one fsync only, so the retry can
+        # succeed although the failed lines did not reach the disk.
+        synced = 0
+        try:
+            synced = self._sync_written_lines()
+        finally:
+            with self._durable:
+                self._flushing = False
+                self._synced_seq = max(self._synced_seq, synced)
+                self._durable.notify_all()
+
+    def _sync_written_lines(self) -> int:
+        """Fsync the open file and return the sequence number of the last line it covers."""
+        with self._lock:
+            target = self._written_seq
+            # A duplicate descriptor stays valid while another thread closes the original
+            # at a day switch, and it syncs the same file.
+            fd = None if self._fd is None else os.dup(self._fd)
+        if fd is None:
+            with self._durable:
+                if self._synced_seq >= target:
+                    return target
+            raise OSError(
+                errno.EIO,
+                f"the journal file in {self.directory} was closed before its last lines were "
+                "fsynced",
+            )
+
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+        return target
+
+    def _publish_synced(self, seq: int) -> None:
+        with self._durable:
+            self._synced_seq = max(self._synced_seq, seq)
+            self._durable.notify_all()
+
+    def _start_batch_thread(self) -> None:
+        # Called with self._lock held. The thread holds only a weak reference, so a writer
+        # that is dropped without close() can still be garbage collected.
+        thread = threading.Thread(
+            target=_run_batch_fsync,
+            args=(weakref.ref(self), self._batch_stop, self.batch_interval),
+            name=f"telemetry-journal-fsync-{self.directory.name}",
+            daemon=True,
+        )
+        thread.start()
+        self._batch_thread = thread
+
+    def _reset_after_fork(self) -> None:
+        # The inherited descriptor shares its open file description, and so its flock,
+        # with the parent. The child closes its copy and opens the file again on its next
+        # append. The locks are replaced because another thread of the parent may have
+        # held them at the fork.
+        fd = self._fd
+        self._reset_state()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def file_path(self, date_str: str) -> Path:
+        """Return the path of the journal file of ``date_str``, whether it exists or not.
+
+        Raises:
+            ValueError: ``date_str`` is not YYYYMMDD or YYYY-MM-DD, or not a real date.
+        """
+        return self.directory / f"{FILE_PREFIX}{_normalise_date(date_str)}{FILE_SUFFIX}"
+
+    def read_file(self, date_str: str) -> list[dict[str, Any]]:
+        """Return the records of the file of ``date_str``, or [] if there is no such file.
+
+        Lines that cannot be parsed are skipped as read_file_report() describes.
+
+        Raises:
+            ValueError: ``date_str`` is not YYYYMMDD or YYYY-MM-DD.
+            OSError: the file exists but cannot be read.
+        """
+        return self.read_file_report(date_str).records
+
+    def read_file_report(self, date_str: str) -> JournalReadResult:
+        """Read the records of the file of ``date_str`` and count the corrupt lines.
+
+        Blank lines are ignored. A line that is not valid JSON or not a JSON object is
+        skipped and counted, such as a last line cut short by a crash or by an append in
+        progress. One WARNING gives the count and the path. The file is read without a lock
+        because appends write whole lines. A missing file gives no records.
+
+        Raises:
+            ValueError: ``date_str`` is not YYYYMMDD or YYYY-MM-DD.
+            OSError: the file exists but cannot be read.
+        """
+        path = self.file_path(date_str)
+        records: list[dict[str, Any]] = []
+        corrupt = 0
+        try:
+            for record in _parse_lines(path):
+                if record is None:
+                    corrupt += 1
+                else:
+                    records.append(record)
+        except FileNotFoundError:
+            return JournalReadResult(path, [], 0)
+
+        if corrupt:
+            logger.warning("skipped %d corrupt lines in %s", corrupt, path)
+        return JournalReadResult(path, records, corrupt)
+
+    def list_files(self) -> list[Path]:
+        """Return the paths of the journal files in the directory, oldest date first.
+
+        Files whose names do not match ``events_YYYYMMDD.ndjson`` are left out. A missing
+        directory gives [].
+
+        Raises:
+            OSError: the directory exists but cannot be listed.
+        """
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        dated = sorted(
+            (date, name) for name in names if (date := _date_of_file_name(name)) is not None
+        )
+        return [self.directory / name for _, name in dated]
+
+    def get_file_info(self, date_str: str) -> dict[str, Any]:
+        """Read the file of ``date_str`` once and return its size, line counts and times.
+
+        The keys are ``path`` (a Path), ``date`` (YYYYMMDD), ``size_bytes``, ``line_count``
+        (non-blank lines, corrupt ones included), ``corrupt_lines``, and
+        ``first_timestamp`` and ``last_timestamp``: the time of the first and last record
+        in file order that has one, or None. A record's time is its ``timestamp``, else its
+        ``end_time`` (run_end only), else its ``start_time``, as stored.
+
+        Raises:
+            ValueError: ``date_str`` is not YYYYMMDD or YYYY-MM-DD.
+            FileNotFoundError: there is no journal file for that date; the error names the path.
+            OSError: the file cannot be read.
+        """
+        date = _normalise_date(date_str)
+        path = self.file_path(date)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                errno.ENOENT, f"no journal file for {date}", str(path)
+            ) from None
+
+        line_count = 0
+        corrupt = 0
+        first: str | None = None
+        last: str | None = None
+        for record in _parse_lines(path):
+            line_count += 1
+            if record is None:
+                corrupt += 1
+                continue
+            moment = _record_time(record)
+            if moment is None:
+                continue
+            if first is None:
+                first = moment
+            last = moment
+
+        return {
+            "path": path,
+            "date": date,
+            "size_bytes": size,
+            "line_count": line_count,
+            "corrupt_lines": corrupt,
+            "first_timestamp": first,
+            "last_timestamp": last,
+        }
+
+
+# -- fork handling ------------------------------------------------------------------------------
+
+# Every writer alive in this process. A weak set, so that writers can be garbage collected.
+_live_writers: weakref.WeakSet[NDJSONWriter] = weakref.WeakSet()
+
+
+def _reset_writers_in_child() -> None:
+    for writer in list(_live_writers):
+        writer._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_writers_in_child)
+
+
+def _run_batch_fsync(
+    writer_ref: weakref.ref[NDJSONWriter], stop: threading.Event, interval: float
+) -> None:
+    """Fsync the writer's lines every ``interval`` seconds until ``stop`` is set."""
+    while not stop.wait(interval):
+        writer = writer_ref()
+        if writer is None:
+            return
+        try:
+            writer.flush()
+        except OSError as exc:
+            writer._repeats.log(
+                logger,
+                logging.ERROR,
+                ("batch fsync", type(exc)),
+                "batch fsync of the journal in %s failed: %s; lines written since the last "
+                "fsync may be lost on power loss",
+                writer.directory,
+                exc,
+            )
+        del writer
+
+
+# -- file helpers -------------------------------------------------------------------------------
+
+
+def _lock_file(fd: int) -> None:
+    try:
+        portalocker.lock(fd, portalocker.LockFlags.EXCLUSIVE)
+    except portalocker.LockException as exc:
+        raise OSError(errno.ENOLCK, f"failed to lock the journal file: {exc}") from exc
+
+
+def _unlock_file(fd: int) -> None:
+    try:
+        portalocker.unlock(fd)
+    except portalocker.LockException as exc:
+        raise OSError(errno.ENOLCK, f"failed to unlock the journal file: {exc}") from exc
+
+
+def _ends_with_torn_line(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # A regular file takes the whole write unless the disk is full or a quota is reached.
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:
+            raise OSError(errno.EIO, "os.write wrote 0 bytes of a journal line")
+        view = view[written:]
+
+
+def _make_private_directory(directory: Path) -> None:
+    """Create ``directory`` and its missing parents with mode 0o700."""
+    missing: list[Path] = []
+    current = directory
+    while not current.exists() and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, DIRECTORY_MODE)
+        except FileExistsError:
+            continue
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        # Some file systems reject an fsync of a directory. The entry then reaches the disk
+        # when the OS writes the directory back.
+        logger.warning("fsync of directory %s failed: %s", directory, exc)
+
+
+def _parse_lines(path: Path) -> Iterator[dict[str, Any] | None]:
+    """Yield each non-blank line of ``path`` as a dict, or None when it is corrupt."""
+    with open(path, "rb") as file:
+        for line in file:
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                yield None
+                continue
+            yield record if isinstance(record, dict) else None
+
+
+# -- dates and times ----------------------------------------------------------------------------
+
+
+def _normalise_date(date_str: str) -> str:
+    """Return ``date_str`` as YYYYMMDD.
+
+    Raises:
+        TypeError: ``date_str`` is not a str.
+        ValueError: it is not YYYYMMDD or YYYY-MM-DD, or not a real date.
+    """
+    if not isinstance(date_str, str):
+        raise TypeError(
+            f"date_str must be a str in the form {_DATE_FORMS}, not {type(date_str).__name__}"
+        )
+    match = _DATE_PATTERN.fullmatch(date_str)
+    if match is not None and len(date_str) in (8, 10):
+        year, month, day = (int(part) for part in match.groups())
+        try:
+            datetime.date(year, month, day)
+        except ValueError:
+            pass
+        else:
+            return "".join(match.groups())
+    raise ValueError(f"invalid date {date_str!r}: expected {_DATE_FORMS}")
+
+
+def _date_of_file_name(name: str) -> str | None:
+    if not (name.startswith(FILE_PREFIX) and name.endswith(FILE_SUFFIX)):
+        return None
+    date = name[len(FILE_PREFIX) : -len(FILE_SUFFIX)]
+    if len(date) != 8:
+        return None
+    try:
+        return _normalise_date(date)
+    except ValueError:
+        return None
+
+
+def _utc_date(value: str | datetime.datetime) -> str:
+    """Return the UTC date of a timestamp as YYYYMMDD.
+
+    Raises:
+        ValueError: the text is not ISO 8601 with an offset, or the datetime is naive.
+        TypeError: ``value`` is neither a str nor a datetime.
+    """
+    moment = parse_timestamp(value)
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y%m%d")
+
+
+def _time_keys(record_type: object) -> tuple[str, ...]:
+    if record_type == "run_end":
+        return ("timestamp", "end_time", "start_time")
+    return ("timestamp", "start_time")
+
+
+def _record_time(record: Mapping[str, Any]) -> str | None:
+    for key in _time_keys(record.get("record_type")):
+        value = record.get(key)
+        if isinstance(value, str):
+            return value
+    return None
