@@ -1,0 +1,863 @@
+"""DatabaseWriter: the SQLite index of runs, one row per run in the table ``agent_runs``.
+
+The journal is the source of truth, and the index can be rebuilt from it. The index makes
+runs searchable and stores the API sync state of each run (posted, retry count, last error).
+
+Every connection uses WAL with ``synchronous=NORMAL``. SQLite documents (PRAGMA
+synchronous) that a commit in this mode survives a crash of the application, kill -9
+included, but may roll back after a power loss or an OS crash. The index can then be
+rebuilt from the journal. Each write is one ``BEGIN IMMEDIATE`` transaction, retried while
+another process holds the write lock.
+Each thread of each process has its own long-lived connection. A forked child opens its
+own on first use and never touches the connections it inherited.
+
+The writer raises storage errors (``sqlite3.Error``, ``OSError``) to its caller, and the
+client catches and logs them. Logger: ``telemetry.index``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import reprlib
+import sqlite3
+import threading
+import time
+import types
+import typing
+import urllib.request
+import weakref
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from telemetry.encoding import INT64_MAX, INT64_MIN, ConversionIssue, dumps, make_jsonable
+from telemetry.errors import SchemaError
+from telemetry.models import (
+    SCHEMA_VERSION,
+    STATUSES,
+    RunRecord,
+    get_iso8601_timestamp,
+    parse_timestamp,
+)
+
+__all__ = ["DEFAULT_BUSY_TIMEOUT_MS", "RETRY_DELAYS", "TABLE", "DatabaseWriter"]
+
+logger = logging.getLogger("telemetry.index")
+
+_T = TypeVar("_T")
+
+TABLE = "agent_runs"
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+WAL_AUTOCHECKPOINT_PAGES = 1000
+
+RETRY_DELAYS = (0.1, 0.2, 0.4)
+"""Seconds slept before each retry of a write that found the database locked."""
+
+_DIRECTORY_MODE = 0o700
+_FILE_MODE = 0o600
+
+# Column names used in SQL come from this tuple only, never from a caller's string.
+_COLUMNS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(RunRecord))
+_UPDATABLE_COLUMNS = frozenset(_COLUMNS) - {"run_id"}
+_TIMESTAMP_COLUMNS = frozenset(
+    {"start_time", "end_time", "api_posted_at", "created_at", "updated_at"}
+)
+
+_SELECT_COLUMNS = ", ".join(_COLUMNS)
+_INSERT_SQL = (
+    f"INSERT INTO {TABLE} ({_SELECT_COLUMNS}) VALUES ({', '.join(':' + name for name in _COLUMNS)})"
+)
+_INSERT_NEW_SQL = _INSERT_SQL + " ON CONFLICT (run_id) DO NOTHING"
+# An upsert keeps the stored created_at, the time the row was first written.
+_UPSERT_SQL = (
+    _INSERT_SQL
+    + " ON CONFLICT (run_id) DO UPDATE SET "
+    + ", ".join(
+        f"{name} = excluded.{name}" for name in _COLUMNS if name not in ("run_id", "created_at")
+    )
+    + f", created_at = COALESCE({TABLE}.created_at, excluded.created_at)"
+)
+
+# The WHERE clause of the pending-posts query must repeat the partial index's condition
+# word for word, or SQLite's planner does not use that index.
+_PENDING_CONDITION = "api_posted = 0 AND status != 'running'"
+
+
+# -- schema and migrations ---------------------------------------------------------------
+
+
+def _migrate_0_to_1(connection: sqlite3.Connection) -> None:
+    connection.execute(
+        """
+        CREATE TABLE agent_runs (
+            run_id TEXT PRIMARY KEY NOT NULL,
+            agent_name TEXT NOT NULL,
+            job_type TEXT NOT NULL,
+            start_time TEXT NOT NULL,
+            trigger_type TEXT NOT NULL DEFAULT 'cli',
+            parent_run_id TEXT,
+            status TEXT NOT NULL DEFAULT 'running',
+            end_time TEXT,
+            duration_ms INTEGER,
+            error_summary TEXT,
+            error_details TEXT,
+            items_discovered INTEGER NOT NULL DEFAULT 0,
+            items_succeeded INTEGER NOT NULL DEFAULT 0,
+            items_failed INTEGER NOT NULL DEFAULT 0,
+            input_summary TEXT,
+            output_summary TEXT,
+            metrics_json TEXT,
+            insight_id TEXT,
+            product TEXT,
+            platform TEXT,
+            product_family TEXT,
+            subdomain TEXT,
+            git_repo TEXT,
+            git_branch TEXT,
+            git_commit TEXT,
+            git_run_tag TEXT,
+            agent_version TEXT,
+            hostname TEXT,
+            pid INTEGER,
+            api_posted INTEGER NOT NULL DEFAULT 0 CHECK (api_posted IN (0, 1)),
+            api_posted_at TEXT,
+            api_retry_count INTEGER NOT NULL DEFAULT 0,
+            api_last_error TEXT,
+            created_at TEXT,
+            updated_at TEXT,
+            schema_version INTEGER NOT NULL DEFAULT 1
+        )
+        """
+    )
+    connection.execute("CREATE INDEX idx_agent_runs_start_time ON agent_runs (start_time)")
+    connection.execute("CREATE INDEX idx_agent_runs_agent_name ON agent_runs (agent_name)")
+    connection.execute("CREATE INDEX idx_agent_runs_status ON agent_runs (status)")
+    connection.execute(
+        f"CREATE INDEX idx_agent_runs_pending ON agent_runs (start_time) WHERE {_PENDING_CONDITION}"
+    )
+
+
+# _MIGRATIONS[n] turns a database of user_version n into one of version n + 1. A new
+# schema version appends a step here. Old steps never change, because databases written
+# by old versions of the library still pass through them.
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1,)
+
+
+def _read_user_version(connection: sqlite3.Connection) -> int:
+    row = connection.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+# -- values: checks and conversion to SQLite ---------------------------------------------
+
+
+def _allowed_types() -> dict[str, tuple[type, ...]]:
+    """Return, per column, the Python types its RunRecord annotation allows."""
+    hints = typing.get_type_hints(RunRecord)
+    allowed: dict[str, tuple[type, ...]] = {}
+    for name in _COLUMNS:
+        hint = hints[name]
+        is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        members = typing.get_args(hint) if is_union else (hint,)
+        allowed[name] = tuple(typing.get_origin(member) or member for member in members)
+    return allowed
+
+
+_ALLOWED_TYPES = _allowed_types()
+
+
+def _describe_types(name: str) -> str:
+    names = [kind.__name__ for kind in _ALLOWED_TYPES[name]]
+    return " or ".join("None" if kind == "NoneType" else kind for kind in names)
+
+
+def _type_error(name: str, value: object) -> TypeError:
+    return TypeError(
+        f"invalid {name}: expected {_describe_types(name)}, "
+        f"got {type(value).__name__} {reprlib.repr(value)}"
+    )
+
+
+def _log_conversions(run_id: object, issues: list[ConversionIssue]) -> None:
+    for issue in issues:
+        logger.warning("run %s: %s at %s in the index", run_id, issue.reason, issue.path)
+
+
+def _normalise_timestamp(name: str, value: str) -> str:
+    """Return ``value`` as the UTC ``+00:00`` text that get_iso8601_timestamp writes.
+
+    Raises:
+        ValueError: the text is not ISO 8601 with an offset. The message names the column.
+    """
+    try:
+        return get_iso8601_timestamp(parse_timestamp(value))
+    except ValueError as exc:
+        raise ValueError(f"invalid {name}: {exc}") from None
+
+
+def _to_sql(name: str, value: Any, run_id: object) -> Any:
+    """Check ``value`` against the RunRecord type of column ``name`` and convert it for SQLite.
+
+    metrics_json is encoded to JSON text, api_posted to 0 or 1, and timestamps to UTC text.
+    A lone surrogate in a string, which SQLite cannot store, is escaped as the journal does,
+    with a WARNING.
+
+    Raises:
+        TypeError: the value's type is not allowed for the column.
+        ValueError: an integer outside 64 bits, a status not in models.STATUSES, or a
+            timestamp that cannot be parsed.
+    """
+    allowed = _ALLOWED_TYPES[name]
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise _type_error(name, value)
+
+    if dict in allowed:
+        if not isinstance(value, Mapping):
+            raise _type_error(name, value)
+        encoded, issues = dumps(value, name)
+        _log_conversions(run_id, issues)
+        return encoded.decode("utf-8")
+
+    if bool in allowed:
+        if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+            return int(value)
+        raise _type_error(name, value)
+
+    if int in allowed:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _type_error(name, value)
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ValueError(f"invalid {name}={value}: SQLite stores integers of 64 bits at most")
+        return int(value)
+
+    if str in allowed and isinstance(value, str):
+        if name == "status" and value not in STATUSES:
+            raise ValueError(f"invalid status {value!r}: expected one of {', '.join(STATUSES)}")
+        if name in _TIMESTAMP_COLUMNS:
+            return _normalise_timestamp(name, value)
+        text, issues = make_jsonable(str(value), name)
+        _log_conversions(run_id, issues)
+        return text
+    raise _type_error(name, value)
+
+
+def _check_limit(limit: int | None) -> int:
+    """Return ``limit`` for SQL, where -1 means no limit."""
+    if limit is None:
+        return -1
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ValueError(f"invalid limit {limit!r}: expected an int >= 0, or None for all rows")
+    return limit
+
+
+def _check_run_id(run_id: object) -> str:
+    if not isinstance(run_id, str):
+        raise TypeError(f"invalid run_id: expected str, got {type(run_id).__name__}")
+    return run_id
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    # Python 3.10 has no sqlite_errorcode attribute, so the message is the only sign.
+    message = str(error).lower()
+    return "database is locked" in message or "busy" in message
+
+
+# -- files and connections ---------------------------------------------------------------
+
+
+def _create_private_parents(directory: Path) -> None:
+    """Create ``directory`` and any missing parents with mode 0o700."""
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process created it meanwhile
+            os.mkdir(path, _DIRECTORY_MODE)
+
+
+def _create_private_file(path: Path) -> None:
+    """Create an empty ``path`` with mode 0o600 unless it exists.
+
+    SQLite treats an empty file as an empty database, and it gives the -wal and -shm files
+    the mode of the database file.
+    """
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(descriptor, _FILE_MODE)  # the umask may have removed bits
+    finally:
+        os.close(descriptor)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OpenConnection:
+    connection: sqlite3.Connection
+    pid: int
+    thread: threading.Thread
+
+
+class _ThreadState(threading.local):
+    connection: sqlite3.Connection | None = None
+    pid = 0
+    generation = -1
+
+
+_live_writers: weakref.WeakSet[DatabaseWriter] = weakref.WeakSet()
+
+
+def _reset_locks_in_child() -> None:
+    # A lock held by another thread at fork time stays locked forever in the child.
+    for writer in list(_live_writers):
+        writer._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_locks_in_child)
+
+
+class DatabaseWriter:
+    """Writes runs to the SQLite index and reads them back.
+
+    Opening creates the file's directory (mode 0o700) and the file (mode 0o600) when they
+    are missing, then creates or migrates the schema in one transaction.
+
+    Args:
+        path: the database file.
+        sleep: called with the delay before each retry of a locked write; tests pass a
+            recorder in place of time.sleep.
+        busy_timeout_ms: how long SQLite itself waits for a lock before each attempt fails.
+
+    Raises:
+        sqlite3.DatabaseError: the file is not an SQLite database.
+        SchemaError: the schema is newer than this library, or the file has an agent_runs
+            table that this library did not create.
+        OSError: the directory or the file cannot be created.
+
+    Every method may raise ``sqlite3.Error`` for a storage fault. Writes that find the
+    database locked are retried after each delay in RETRY_DELAYS, with a WARNING per
+    retry. The last failure is logged as an ERROR and raised as sqlite3.OperationalError.
+    """
+
+    path: Path
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ) -> None:
+        if not isinstance(busy_timeout_ms, int) or isinstance(busy_timeout_ms, bool):
+            raise TypeError(f"invalid busy_timeout_ms {busy_timeout_ms!r}: expected an int")
+        if busy_timeout_ms < 0:
+            raise ValueError(f"invalid busy_timeout_ms {busy_timeout_ms}: expected 0 or more")
+        # Absolute, so that connections opened later by other threads ignore a chdir.
+        self.path = Path(os.path.abspath(os.fspath(path)))
+        self._sleep = sleep
+        self._busy_timeout_ms = busy_timeout_ms
+        self._lock = threading.Lock()
+        self._open_connections: list[_OpenConnection] = []
+        self._generation = 0
+        self._thread_state = _ThreadState()
+        _live_writers.add(self)
+
+        _create_private_parents(self.path.parent)
+        _create_private_file(self.path)
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"DatabaseWriter(path={str(self.path)!r})"
+
+    def __enter__(self) -> DatabaseWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def insert_run(self, record: RunRecord) -> bool:
+        """Insert ``record`` as a new row and return True, or return False if its run_id exists.
+
+        created_at is taken from the record, or set to now when it is None. updated_at is
+        always set to now.
+
+        Raises:
+            TypeError: ``record`` is not a RunRecord, or a field has a type its annotation
+                does not allow.
+            ValueError: a status, timestamp or integer is invalid.
+        """
+        values = self._record_values(record)
+
+        def insert(connection: sqlite3.Connection) -> bool:
+            return connection.execute(_INSERT_NEW_SQL, values).rowcount == 1
+
+        return self._write("insert_run", record.run_id, insert)
+
+    def upsert_run(self, record: RunRecord) -> None:
+        """Insert ``record``, or overwrite every column of its existing row.
+
+        The one exception is created_at: a stored value is kept. updated_at is set to now.
+
+        Raises:
+            TypeError, ValueError: as insert_run.
+        """
+        values = self._record_values(record)
+
+        def upsert(connection: sqlite3.Connection) -> None:
+            connection.execute(_UPSERT_SQL, values)
+
+        self._write("upsert_run", record.run_id, upsert)
+
+    def update_run(self, run_id: str, **fields: Any) -> bool:
+        """Set the given columns of run ``run_id`` and return whether the run exists.
+
+        Field names are those of RunRecord other than run_id. updated_at is set to now
+        unless a value for it is given. A created_at of None keeps the stored one.
+
+        Raises:
+            ValueError: a name is not an updatable column (the message lists them), or a
+                status, timestamp or integer is invalid.
+            TypeError: a value has a type the RunRecord annotation does not allow.
+        """
+        _check_run_id(run_id)
+        unknown = [name for name in fields if name not in _UPDATABLE_COLUMNS]
+        if unknown:
+            allowed = ", ".join(sorted(_UPDATABLE_COLUMNS))
+            raise ValueError(
+                f"update_run(): unknown column {unknown[0]!r} in {TABLE}. "
+                f"Allowed columns: {allowed}"
+            )
+
+        values = {name: _to_sql(name, value, run_id) for name, value in fields.items()}
+        if values.get("updated_at") is None:
+            values["updated_at"] = get_iso8601_timestamp()
+        if "created_at" in values and values["created_at"] is None:
+            del values["created_at"]
+
+        # The SET clause names only columns from _COLUMNS: each name passed the check
+        # above, and the loop takes the identifier from the tuple, not from the caller.
+        assignments = ", ".join(f"{name} = :{name}" for name in _COLUMNS if name in values)
+        sql = f"UPDATE {TABLE} SET {assignments} WHERE run_id = :run_id"
+        parameters = {**values, "run_id": run_id}
+
+        def update(connection: sqlite3.Connection) -> bool:
+            return connection.execute(sql, parameters).rowcount == 1
+
+        return self._write("update_run", run_id, update)
+
+    def mark_api_posted(self, run_id: str, posted_at: str | None = None) -> None:
+        """Mark run ``run_id`` as posted at ``posted_at`` (default: now) and clear its last error.
+
+        A run that is not in the index is logged as a WARNING, not raised.
+
+        Raises:
+            ValueError: ``posted_at`` is not an ISO 8601 timestamp with an offset.
+        """
+        _check_run_id(run_id)
+        now = get_iso8601_timestamp()
+        posted = now if posted_at is None else _to_sql("api_posted_at", posted_at, run_id)
+        sql = (
+            f"UPDATE {TABLE} SET api_posted = 1, api_posted_at = ?, api_last_error = NULL, "
+            "updated_at = ? WHERE run_id = ?"
+        )
+
+        def mark(connection: sqlite3.Connection) -> bool:
+            return connection.execute(sql, (posted, now, run_id)).rowcount == 1
+
+        if not self._write("mark_api_posted", run_id, mark):
+            logger.warning(
+                "mark_api_posted: run %s not found in the index %s, so nothing was marked",
+                run_id,
+                self.path,
+            )
+
+    def increment_api_retry_count(self, run_id: str, error: str | None = None) -> int:
+        """Add one to the failed posts of run ``run_id``, store ``error``, return the new count.
+
+        An ``error`` of None keeps the stored api_last_error. A run that is not in the
+        index is logged as a WARNING and 0 is returned.
+
+        Raises:
+            TypeError: ``error`` is not a string or None.
+        """
+        _check_run_id(run_id)
+        stored_error = _to_sql("api_last_error", error, run_id)
+        sql = (
+            f"UPDATE {TABLE} SET api_retry_count = api_retry_count + 1, "
+            "api_last_error = COALESCE(?, api_last_error), updated_at = ? WHERE run_id = ?"
+        )
+
+        def increment(connection: sqlite3.Connection) -> int | None:
+            parameters = (stored_error, get_iso8601_timestamp(), run_id)
+            if connection.execute(sql, parameters).rowcount != 1:
+                return None
+            row = connection.execute(
+                f"SELECT api_retry_count FROM {TABLE} WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            return int(row[0])
+
+        count = self._write("increment_api_retry_count", run_id, increment)
+        if count is None:
+            logger.warning(
+                "increment_api_retry_count: run %s not found in the index %s, "
+                "so nothing was counted",
+                run_id,
+                self.path,
+            )
+            return 0
+        return count
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """Return run ``run_id``, or None if the index does not have it."""
+        _check_run_id(run_id)
+        sql = f"SELECT {_SELECT_COLUMNS} FROM {TABLE} WHERE run_id = ?"
+        row = self._connection().execute(sql, (run_id,)).fetchone()
+        return None if row is None else RunRecord.from_dict(dict(row))
+
+    def list_runs(
+        self,
+        *,
+        agent_name: str | None = None,
+        status: str | None = None,
+        since: str | None = None,
+        limit: int | None = 50,
+    ) -> list[RunRecord]:
+        """Return the runs that match every filter given, newest start_time first.
+
+        Args:
+            agent_name: only runs of this agent.
+            status: only runs with this status.
+            since: only runs that started at or after this ISO 8601 timestamp.
+            limit: the maximum number of runs, or None for all.
+
+        Raises:
+            ValueError: an unknown status, a ``since`` that is not ISO 8601 with an offset,
+                or a negative limit.
+        """
+        clauses: list[str] = []
+        parameters: list[Any] = []
+        if agent_name is not None:
+            clauses.append("agent_name = ?")
+            parameters.append(agent_name)
+        if status is not None:
+            clauses.append("status = ?")
+            parameters.append(_to_sql("status", status, None))
+        if since is not None:
+            # Stored start times pass through _to_sql, which writes every timestamp as UTC
+            # text of one fixed width ("+00:00", microseconds), so comparing the text
+            # compares the times. ``since`` is converted to the same form first.
+            clauses.append("start_time >= ?")
+            parameters.append(_normalise_timestamp("since", since))
+        parameters.append(_check_limit(limit))
+
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            f"SELECT {_SELECT_COLUMNS} FROM {TABLE}{where} "
+            "ORDER BY start_time DESC, run_id DESC LIMIT ?"
+        )
+        rows = self._connection().execute(sql, parameters).fetchall()
+        return [RunRecord.from_dict(dict(row)) for row in rows]
+
+    def get_pending_api_posts(self, limit: int | None = 100) -> list[RunRecord]:
+        """Return ended runs not yet posted to the API, oldest start_time first.
+
+        Raises:
+            ValueError: ``limit`` is negative.
+        """
+        sql = (
+            f"SELECT {_SELECT_COLUMNS} FROM {TABLE} WHERE {_PENDING_CONDITION} "
+            "ORDER BY start_time, run_id LIMIT ?"
+        )
+        rows = self._connection().execute(sql, (_check_limit(limit),)).fetchall()
+        return [RunRecord.from_dict(dict(row)) for row in rows]
+
+    def get_run_stats(self) -> dict[str, Any]:
+        """Return counts of runs in total, per status and per agent, from one snapshot.
+
+        The keys of the returned dict:
+
+        - ``total_runs``: the number of rows.
+        - ``by_status``: the count per status, with every status of models.STATUSES,
+          including those with 0 runs.
+        - ``pending_api_posts``: runs that get_pending_api_posts(limit=None) would return.
+        - ``by_agent``: per agent name, the counts ``runs``, ``success``, ``failed`` and
+          ``running``, and ``avg_duration_ms``, which is None when no run has a duration.
+        """
+        connection = self._connection()
+        # One read transaction, so that every number comes from the same WAL snapshot.
+        connection.execute("BEGIN")
+        try:
+            status_rows = connection.execute(
+                f"SELECT status, COUNT(*) FROM {TABLE} GROUP BY status"
+            ).fetchall()
+            pending_row = connection.execute(
+                f"SELECT COUNT(*) FROM {TABLE} WHERE {_PENDING_CONDITION}"
+            ).fetchone()
+            agent_rows = connection.execute(
+                "SELECT agent_name, COUNT(*), SUM(status = 'success'), SUM(status = 'failed'), "
+                f"SUM(status = 'running'), AVG(duration_ms) FROM {TABLE} "
+                "GROUP BY agent_name ORDER BY agent_name"
+            ).fetchall()
+        finally:
+            connection.execute("COMMIT")
+
+        by_status = dict.fromkeys(STATUSES, 0)
+        by_status.update({status: count for status, count in status_rows})
+        by_agent = {
+            name: {
+                "runs": runs,
+                "success": success,
+                "failed": failed,
+                "running": running,
+                "avg_duration_ms": None if average is None else float(average),
+            }
+            for name, runs, success, failed, running, average in agent_rows
+        }
+        return {
+            "total_runs": sum(by_status.values()),
+            "by_status": by_status,
+            "pending_api_posts": pending_row[0],
+            "by_agent": by_agent,
+        }
+
+    def check_integrity(self) -> tuple[bool, list[str]]:
+        """Run SQLite's ``PRAGMA integrity_check`` and return (ok, its messages).
+
+        A file too damaged to check returns False and the error's message.
+
+        Raises:
+            sqlite3.OperationalError: the check could not run, e.g. the database is locked.
+        """
+        try:
+            rows = self._connection().execute("PRAGMA integrity_check").fetchall()
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            return False, [f"integrity_check failed: {exc}"]
+        messages = [str(row[0]) for row in rows]
+        return messages == ["ok"], messages
+
+    def close(self) -> None:
+        """Close every connection that this process opened, in all threads.
+
+        Calling it again does nothing. A later call of another method opens a new
+        connection. A connection that another thread is using fails in that thread.
+        Connections inherited through fork stay open in the child. SQLite's page "How To
+        Corrupt An SQLite Database File" warns against using a connection across fork(),
+        and closing one is such a use.
+        """
+        pid = os.getpid()
+        with self._lock:
+            self._generation += 1
+            closing = [entry for entry in self._open_connections if entry.pid == pid]
+            self._open_connections = [entry for entry in self._open_connections if entry.pid != pid]
+        for entry in closing:
+            try:
+                entry.connection.close()
+            except sqlite3.Error as exc:
+                logger.warning("cannot close a connection to %s: %s", self.path, exc)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _record_values(self, record: RunRecord) -> dict[str, Any]:
+        if not isinstance(record, RunRecord):
+            raise TypeError(f"expected a RunRecord, got {type(record).__name__}")
+        values = {name: _to_sql(name, getattr(record, name), record.run_id) for name in _COLUMNS}
+        now = get_iso8601_timestamp()
+        if values["created_at"] is None:
+            values["created_at"] = now
+        values["updated_at"] = now
+        return values
+
+    def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION, or raise SchemaError if it is newer."""
+        connection = self._connection()
+        found = _read_user_version(connection)
+        self._check_version(found)
+        if found == SCHEMA_VERSION:
+            return
+        self._write("migrate schema", None, self._apply_migrations)
+
+    def _apply_migrations(self, connection: sqlite3.Connection) -> None:
+        # Read the version again under the write lock: another process may have migrated
+        # the file since the check in _migrate.
+        found = _read_user_version(connection)
+        self._check_version(found)
+        if found == 0 and self._has_table(connection):
+            raise SchemaError(
+                f"{self.path} has a table {TABLE} but schema version 0, so agent-telemetry "
+                "did not create it: move the file away or set db_path to another file"
+            )
+        for version in range(found, SCHEMA_VERSION):
+            _MIGRATIONS[version](connection)
+        # PRAGMA takes no bound parameters; the value is the library's own integer.
+        connection.execute(f"PRAGMA user_version = {int(SCHEMA_VERSION)}")
+        logger.info("migrated index %s from schema %d to %d", self.path, found, SCHEMA_VERSION)
+
+    def _check_version(self, found: int) -> None:
+        if 0 <= found <= SCHEMA_VERSION:
+            return
+        raise SchemaError(
+            f"{self.path} has schema version {found}, but this version of agent-telemetry "
+            f"supports schema version {SCHEMA_VERSION} at most: upgrade agent-telemetry, "
+            "or set db_path to another file"
+        )
+
+    @staticmethod
+    def _has_table(connection: sqlite3.Connection) -> bool:
+        row = connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
+        ).fetchone()
+        return row is not None
+
+    def _write(
+        self,
+        operation: str,
+        run_id: str | None,
+        work: Callable[[sqlite3.Connection], _T],
+    ) -> _T:
+        """Run ``work`` in one BEGIN IMMEDIATE transaction, retrying while locked."""
+        connection = self._connection()
+
+        def transaction() -> _T:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(connection)
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    # A failed ROLLBACK must not hide the error that caused it.
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.execute("ROLLBACK")
+                raise
+            return result
+
+        return self._retry_while_locked(operation, run_id, transaction)
+
+    def _retry_while_locked(
+        self, operation: str, run_id: str | None, action: Callable[[], _T]
+    ) -> _T:
+        """Call ``action``, and call it again after each of RETRY_DELAYS while it is locked.
+
+        Before an attempt fails, SQLite's busy handler has usually waited busy_timeout, so
+        the WARNING per retry is not rate-limited further.
+        """
+        subject = operation if run_id is None else f"{operation} of run {run_id}"
+        attempts = len(RETRY_DELAYS) + 1
+        for attempt, delay in enumerate(RETRY_DELAYS, start=1):
+            try:
+                return action()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                logger.warning(
+                    "%s in %s failed: %s. Retry %d of %d in %.1f s",
+                    subject,
+                    self.path,
+                    exc,
+                    attempt,
+                    len(RETRY_DELAYS),
+                    delay,
+                )
+            self._sleep(delay)
+
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                logger.error(
+                    "%s in %s failed after %d attempts, giving up: %s",
+                    subject,
+                    self.path,
+                    attempts,
+                    exc,
+                )
+            raise
+
+    def _connection(self) -> sqlite3.Connection:
+        """Return this thread's connection, opening one in a new thread or process."""
+        state = self._thread_state
+        pid = os.getpid()
+        if (
+            state.connection is not None
+            and state.pid == pid
+            and state.generation == self._generation
+        ):
+            return state.connection
+
+        # In a forked child the inherited connection is replaced but stays referenced in
+        # _open_connections, so its finalizer cannot close the parent's files here.
+        # NOTE: a child that ends through normal interpreter shutdown still deallocates
+        # it; a child that ends with os._exit, as multiprocessing's fork workers do, does not.
+        generation = self._generation
+        connection = self._retry_while_locked("open connection", None, self._open)
+        with self._lock:
+            finished = [
+                entry
+                for entry in self._open_connections
+                if entry.pid == pid and not entry.thread.is_alive()
+            ]
+            self._open_connections = [
+                entry for entry in self._open_connections if entry not in finished
+            ]
+            self._open_connections.append(
+                _OpenConnection(connection, pid, threading.current_thread())
+            )
+        for entry in finished:
+            entry.connection.close()
+        state.connection = connection
+        state.pid = pid
+        state.generation = generation
+        return connection
+
+    def _open(self) -> sqlite3.Connection:
+        """Open a connection to ``path`` and set the pragmas every connection needs.
+
+        check_same_thread is off only so that close() and the cleanup of finished threads
+        can close connections of other threads. Otherwise each thread uses its own.
+        """
+        # mode=rw: a file deleted since __init__ raises here. Otherwise SQLite would create
+        # a new file without the schema and with the umask's mode instead of 0o600.
+        uri = f"file:{urllib.request.pathname2url(str(self.path))}?mode=rw"
+        connection = sqlite3.connect(
+            uri,
+            uri=True,
+            timeout=self._busy_timeout_ms / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                logger.warning(
+                    "index %s uses journal mode %s, not WAL: readers may block writers",
+                    self.path,
+                    mode,
+                )
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+            connection.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            connection.close()
+            raise
+        connection.row_factory = sqlite3.Row
+        return connection
