@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -30,6 +32,8 @@ DURABILITY_MODES = ("fsync", "batch", "none")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 MASK = "***"
+# A token must fit an HTTP header unchanged: visible ASCII, no spaces or control characters.
+_HEADER_TOKEN = re.compile(r"[!-~]+")
 
 ConfigSource = Literal["argument", "environment", "default"]
 Durability = Literal["fsync", "batch", "none"]
@@ -188,7 +192,7 @@ class TelemetryConfig:
     batch_interval: float
     end_run_timeout: float
     retry_after_max: float
-    sources: dict[str, ConfigSource]
+    sources: Mapping[str, ConfigSource]
 
     def __init__(
         self,
@@ -229,18 +233,23 @@ class TelemetryConfig:
             value, source = self._resolve(setting, arguments[setting.name], env)
             object.__setattr__(self, setting.name, value)
             sources[setting.name] = source
-        object.__setattr__(self, "sources", sources)
+        object.__setattr__(self, "sources", MappingProxyType(sources))
         self._resolve_paths(env)
 
     @staticmethod
     def _resolve(
         setting: _Setting, argument: object, env: Mapping[str, str]
     ) -> tuple[Any, ConfigSource]:
-        if argument is not None:
-            return setting.parse(argument, setting.name), "argument"
-        text = env.get(setting.env_key)
-        if text is not None and text.strip():
-            return setting.parse(text, setting.env_key), "environment"
+        try:
+            if argument is not None:
+                return setting.parse(argument, setting.name), "argument"
+            text = env.get(setting.env_key)
+            if text is not None and text.strip():
+                return setting.parse(text, setting.env_key), "environment"
+        except ConfigError as exc:
+            if setting.secret:
+                raise ConfigError(exc.key, MASK, exc.expected) from None
+            raise
         return setting.default, "default"
 
     def _resolve_paths(self, env: Mapping[str, str]) -> None:
@@ -254,6 +263,9 @@ class TelemetryConfig:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"TelemetryConfig is immutable; use replace({name}=...)")
 
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"TelemetryConfig is immutable; {name} cannot be deleted")
+
     def replace(self, **changes: Any) -> TelemetryConfig:
         """Return a copy with the given settings changed, resolved as arguments.
 
@@ -265,9 +277,7 @@ class TelemetryConfig:
         """
         unknown = sorted(set(changes) - set(_BY_NAME))
         if unknown:
-            raise TypeError(
-                f"unknown setting {unknown[0]!r}; settings are: {', '.join(_BY_NAME)}"
-            )
+            raise TypeError(f"unknown setting {unknown[0]!r}; settings are: {', '.join(_BY_NAME)}")
         kept: dict[str, Any] = {}
         for name in _BY_NAME:
             if name in changes:
@@ -281,7 +291,7 @@ class TelemetryConfig:
             name: "argument" for name in changes
         }
         sources.update({name: "default" for name in _BY_NAME if name not in sources})
-        object.__setattr__(merged, "sources", sources)
+        object.__setattr__(merged, "sources", MappingProxyType(sources))
         return merged
 
     def validate(self) -> TelemetryConfig:
@@ -303,8 +313,8 @@ class TelemetryConfig:
             parts = urlsplit(self.api_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 self._fail("api_url", "an http:// or https:// URL, such as https://host/runs")
-        if self.api_token is not None and any(c in self.api_token for c in "\r\n\0"):
-            self._fail("api_token", "a token without line breaks or NUL characters")
+        if self.api_token is not None and not _HEADER_TOKEN.fullmatch(self.api_token):
+            self._fail("api_token", "printable ASCII characters without spaces")
         return self
 
     def _fail(self, name: str, expected: str) -> None:

@@ -15,9 +15,13 @@ set, frozenset                a list, sorted when the items can be compared
 namedtuple                    an object of its fields
 dataclass instance            an object of its fields, each converted by these rules
 decimal.Decimal               its string form, e.g. ``"3.14"``
+datetime, date, time          ISO 8601 text from isoformat(), with no issue reported
+uuid.UUID                     its hex form with hyphens, with no issue reported
 os.PathLike (pathlib.Path)    its file system path as a string
-non-string dict key           the key's JSON text (``1`` -> ``"1"``) or its str()
+non-string dict key           the key's JSON text (``1`` -> ``"1"``) or its repr()
 any other object              its repr(), e.g. ``"<object object at 0x7f...>"``
+a container nested too deep   the string ``"<nested too deep>"`` past MAX_DEPTH levels
+a container inside itself     the string ``"<cycle>"``
 ============================  ==========================================================
 
 This module imports nothing else from the project, so models can use it.
@@ -53,15 +57,11 @@ POSITIVE_INFINITY_TEXT = "Infinity"
 NEGATIVE_INFINITY_TEXT = "-Infinity"
 BYTES_PREFIX = "base64:"
 
-# Types that orjson serializes natively and that need no walk of their own.
-_NATIVE_SCALARS = (
-    type(None),
-    bool,
-    datetime.datetime,
-    datetime.date,
-    datetime.time,
-    uuid.UUID,
-)
+# Containers nested deeper than this are cut. orjson rejects more than 254 levels, and
+# recursion this deep would come close to Python's own recursion limit.
+MAX_DEPTH = 100
+
+_TIME_TYPES = (datetime.datetime, datetime.date, datetime.time)
 
 
 class ConversionIssue(NamedTuple):
@@ -81,7 +81,7 @@ def make_jsonable(value: Any, path: str) -> tuple[Any, list[ConversionIssue]]:
     including self-referencing containers, which are cut with a marker string.
     """
     issues: list[ConversionIssue] = []
-    converted = _convert(value, path, issues, set())
+    converted = _convert(value, path, issues, [])
     return converted, issues
 
 
@@ -91,7 +91,7 @@ def dumps(value: Any, path: str) -> tuple[bytes, list[ConversionIssue]]:
     return orjson.dumps(converted), issues
 
 
-def _convert(value: Any, path: str, issues: list[ConversionIssue], active: set[int]) -> Any:
+def _convert(value: Any, path: str, issues: list[ConversionIssue], active: list[Any]) -> Any:
     kind = type(value)
     if kind is str:
         return _convert_str(value, path, issues)
@@ -99,23 +99,30 @@ def _convert(value: Any, path: str, issues: list[ConversionIssue], active: set[i
         return _convert_int(value, path, issues)
     if kind is float:
         return _convert_float(value, path, issues)
-    if isinstance(value, _NATIVE_SCALARS):
+    if value is None or kind is bool:
         return value
+    if isinstance(value, _TIME_TYPES):
+        return _convert_time(value, path, issues)
+    if isinstance(value, uuid.UUID):
+        return str(value)
     if isinstance(value, enum.Enum):
         return _convert(value.value, path, issues, active)
 
-    if id(value) in active:
+    if len(active) >= MAX_DEPTH:
+        issues.append(ConversionIssue(path, f"nesting past {MAX_DEPTH} levels cut"))
+        return "<nested too deep>"
+    if any(outer is value for outer in active):
         issues.append(ConversionIssue(path, "reference cycle cut"))
         return "<cycle>"
-    active.add(id(value))
+    active.append(value)
     try:
         return _convert_container(value, path, issues, active)
     finally:
-        active.discard(id(value))
+        active.pop()
 
 
 def _convert_container(
-    value: Any, path: str, issues: list[ConversionIssue], active: set[int]
+    value: Any, path: str, issues: list[ConversionIssue], active: list[Any]
 ) -> Any:
     if isinstance(value, Mapping):
         return _convert_mapping(value, path, issues, active)
@@ -155,12 +162,14 @@ def _convert_container(
 
 
 def _convert_mapping(
-    value: Mapping[Any, Any], path: str, issues: list[ConversionIssue], active: set[int]
+    value: Mapping[Any, Any], path: str, issues: list[ConversionIssue], active: list[Any]
 ) -> dict[str, Any]:
     changed = type(value) is not dict
     result: dict[str, Any] = {}
     for index, (key, item) in enumerate(value.items()):
         new_key = _convert_key(key, path, index, issues)
+        if new_key in result:
+            new_key = _unique_key(new_key, result, path, issues)
         new_item = _convert(item, f"{path}.{new_key}", issues, active)
         changed = changed or new_key is not key or new_item is not item
         result[new_key] = new_item
@@ -168,7 +177,7 @@ def _convert_mapping(
 
 
 def _convert_sequence(
-    value: list[Any] | tuple[Any, ...], path: str, issues: list[ConversionIssue], active: set[int]
+    value: list[Any] | tuple[Any, ...], path: str, issues: list[ConversionIssue], active: list[Any]
 ) -> list[Any] | tuple[Any, ...]:
     changed = type(value) not in (list, tuple)
     result = []
@@ -180,16 +189,32 @@ def _convert_sequence(
 
 
 def _convert_key(key: Any, path: str, index: int, issues: list[ConversionIssue]) -> str:
+    key_path = f"{path}.<key {index}>"
     if type(key) is str:
-        return _convert_str(key, f"{path}.<key {index}>", issues)
+        return _convert_str(key, key_path, issues)
     if isinstance(key, bool) or key is None:
         text = orjson.dumps(key).decode()
-    elif isinstance(key, (int, float)) and not isinstance(key, bool):
-        text = repr(key) if isinstance(key, float) else str(int(key))
+    elif isinstance(key, int):
+        text = str(int(key))
+    elif isinstance(key, float):
+        text = repr(float(key))
+    elif isinstance(key, str):
+        text = str(key)
     else:
-        text = _safe_repr(key, path, issues) if not isinstance(key, str) else str(key)
-    issues.append(ConversionIssue(f"{path}.<key {index}>", f"{type(key).__name__} key stored as string"))
-    return _convert_str(text, f"{path}.<key {index}>", issues)
+        text = _safe_repr(key, key_path, issues)
+    issues.append(ConversionIssue(key_path, f"{type(key).__name__} key stored as string"))
+    return _convert_str(text, key_path, issues)
+
+
+def _unique_key(key: str, taken: dict[str, Any], path: str, issues: list[ConversionIssue]) -> str:
+    # Two keys can convert to the same string ({1: .., "1": ..}); the later one gets a
+    # numbered suffix so that neither value is lost.
+    number = 2
+    while f"{key}#{number}" in taken:
+        number += 1
+    unique = f"{key}#{number}"
+    issues.append(ConversionIssue(f"{path}.{unique}", f"key {key!r} repeated after conversion"))
+    return unique
 
 
 def _convert_str(value: str, path: str, issues: list[ConversionIssue]) -> str:
@@ -219,6 +244,22 @@ def _convert_float(value: float, path: str, issues: list[ConversionIssue]) -> fl
         text = POSITIVE_INFINITY_TEXT if value > 0 else NEGATIVE_INFINITY_TEXT
     issues.append(ConversionIssue(path, f"float {value!r} stored as {text!r}"))
     return text
+
+
+def _convert_time(
+    value: datetime.datetime | datetime.date | datetime.time,
+    path: str,
+    issues: list[ConversionIssue],
+) -> str:
+    # Converted here rather than by orjson, which rejects subclasses and times with a
+    # tzinfo, and crashed (orjson 3.13.0) on a tzinfo whose utcoffset() raises.
+    try:
+        return value.isoformat()
+    except Exception as exc:
+        issues.append(
+            ConversionIssue(path, f"{type(value).__name__}.isoformat() raised {type(exc).__name__}")
+        )
+        return _safe_repr(value, path, issues)
 
 
 def _safe_repr(value: Any, path: str, issues: list[ConversionIssue]) -> str:

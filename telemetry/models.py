@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import re
 import secrets
 import threading
@@ -79,9 +80,7 @@ def parse_timestamp(value: str | datetime.datetime) -> datetime.datetime:
     return moment
 
 
-def calculate_duration_ms(
-    start: str | datetime.datetime, end: str | datetime.datetime
-) -> int:
+def calculate_duration_ms(start: str | datetime.datetime, end: str | datetime.datetime) -> int:
     """Return the milliseconds from ``start`` to ``end``, rounded, and 0 if end is earlier.
 
     Wall-clock times can step backwards, so a negative difference is reported as 0. The
@@ -99,6 +98,16 @@ _UNSAFE_NAME_CHARACTERS = re.compile(r"[^a-z0-9]+")
 _MAX_NAME_IN_ID = 40
 _id_lock = threading.Lock()
 _last_id_time = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+
+
+def _reset_id_lock_in_child() -> None:
+    # A fork while another thread holds the lock would leave it held forever in the child.
+    global _id_lock
+    _id_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_id_lock_in_child)
 
 
 def generate_run_id(agent_name: str) -> str:
@@ -150,7 +159,9 @@ class _Record:
             ValueError: a required field is missing; the message names it.
         """
         if not isinstance(data, Mapping):
-            raise TypeError(f"{cls.__name__}.from_dict expects a mapping, not {type(data).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_dict expects a mapping, not {type(data).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         values = {key: value for key, value in data.items() if key in names}
         missing = [

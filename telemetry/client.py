@@ -1,0 +1,665 @@
+"""TelemetryClient: the API an agent calls to record its runs.
+
+A run is written twice: to the journal (the NDJSON files, the source of truth) and to the
+index (SQLite, for queries). When an API is configured, the ended run is posted to it; a
+post that fails stays pending in the index for ``flush_pending``.
+
+Faults of storage and of the API are logged on the ``telemetry`` loggers and never raised
+into the agent. Misuse of the API, such as an unknown field or a wrong type, raises at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+from telemetry._fields import check_fields, check_final_status, check_text
+from telemetry._logutil import RepeatLimiter
+from telemetry.api import APIClient, PostResult
+from telemetry.config import TelemetryConfig
+from telemetry.context import TrackedRun
+from telemetry.database import DatabaseWriter
+from telemetry.encoding import make_jsonable
+from telemetry.errors import ConfigError
+from telemetry.models import (
+    STATUSES,
+    APIPayload,
+    RunEvent,
+    RunRecord,
+    calculate_duration_ms,
+    generate_run_id,
+    get_iso8601_timestamp,
+    parse_timestamp,
+)
+from telemetry.ndjson import NDJSONWriter
+
+__all__ = ["FlushResult", "TelemetryClient"]
+
+logger = logging.getLogger("telemetry.client")
+
+_T = TypeVar("_T")
+
+# A component that failed to open is tried again after this many seconds, so a fault that
+# clears (a disk that was full) does not turn telemetry off for the rest of the process.
+REOPEN_AFTER_SECONDS = 30.0
+
+# After a failed post, a pending run is due again after this many seconds times 2 to the
+# power of its retry count, at most AUTO_RETRY_MAX_SECONDS. flush_pending ignores both.
+AUTO_RETRY_BASE_SECONDS = 30.0
+AUTO_RETRY_MAX_SECONDS = 3600.0
+AUTO_RETRY_RUNS_PER_END = 3
+
+
+class FlushResult(NamedTuple):
+    """Outcome of flush_pending: how many pending runs were posted and how many failed."""
+
+    posted: int
+    failed: int
+
+
+@dataclass
+class _ActiveRun:
+    record: RunRecord
+    started_monotonic: float
+
+
+class TelemetryClient:
+    """Records runs of agents in the journal and the index, and posts them to the API.
+
+    Thread-safe, and usable from several processes on the same store. Storage is opened on
+    first use; the data directory is created with owner-only permissions.
+
+    Args:
+        config: the settings. None resolves them from the environment; an invalid
+            environment is then logged as an error and the client is disabled, because a
+            broken setting must not stop the agent. An explicit config is validated and
+            raises ConfigError when invalid.
+
+    Raises:
+        ConfigError: an explicit ``config`` is invalid.
+    """
+
+    def __init__(self, config: TelemetryConfig | None = None) -> None:
+        if config is None:
+            config = _config_from_environment()
+        else:
+            config.validate()
+        self._config = config
+        self._lock = threading.RLock()
+        self._active: dict[str, _ActiveRun] = {}
+        self._journal: NDJSONWriter | None = None
+        self._index: DatabaseWriter | None = None
+        self._failed_at: dict[str, float] = {}
+        self._api = APIClient(config)
+        self._repeats = RepeatLimiter()
+        self._closed = False
+        _register_exit_hook(self)
+
+    # -- public API ---------------------------------------------------------------------
+
+    @property
+    def config(self) -> TelemetryConfig:
+        """The resolved settings."""
+        return self._config
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the client records anything; False makes every call a cheap no-op."""
+        return self._config.enabled
+
+    def start_run(
+        self,
+        agent_name: str,
+        job_type: str,
+        trigger_type: str = "cli",
+        **fields: Any,
+    ) -> str:
+        """Start a run: journal its start, index it, and return its run id.
+
+        Args:
+            agent_name: the agent, such as ``"stdlib-audit"``; part of the run id.
+            job_type: the kind of work, such as ``"audit"``.
+            trigger_type: what started the run, such as ``"cli"``, ``"cron"`` or ``"api"``.
+            **fields: any of RunRecord.CALLER_FIELDS, such as parent_run_id,
+                items_discovered, input_summary, metrics_json, product or git_commit.
+
+        Raises:
+            TypeError: an unknown field or a value of the wrong type, named in the message.
+            ValueError: an empty name, or a count outside 0 to 2**63 - 1.
+        """
+        check_text(agent_name, "agent_name")
+        check_text(job_type, "job_type")
+        check_text(trigger_type, "trigger_type")
+        fields = check_fields(fields, "start_run")
+        run_id = generate_run_id(agent_name)
+        if not self._config.enabled:
+            return run_id
+
+        now = get_iso8601_timestamp()
+        record = RunRecord(
+            run_id=run_id,
+            agent_name=agent_name,
+            job_type=job_type,
+            trigger_type=trigger_type,
+            start_time=now,
+            hostname=_hostname(),
+            pid=os.getpid(),
+            created_at=now,
+            updated_at=now,
+        )
+        self._apply_fields(record, fields)
+        with self._lock:
+            self._active[run_id] = _ActiveRun(record, time.monotonic())
+
+        self._write_journal("run_start", record.to_dict(), run_id)
+        index = self._open_index()
+        if index is not None:
+            self._guard("index the start of", run_id, index.insert_run, record)
+        return run_id
+
+    def log_event(
+        self, run_id: str, event_type: str, payload: Mapping[str, Any] | None = None
+    ) -> None:
+        """Journal an event of a run. Events go to the journal only, not to the index.
+
+        Values that JSON cannot hold are stored in the form docs/config.md lists, with a
+        warning that names the field.
+
+        Raises:
+            TypeError: run_id or event_type is not a string, or payload is not a mapping.
+            ValueError: event_type is empty.
+        """
+        check_text(run_id, "run_id")
+        check_text(event_type, "event_type")
+        if payload is not None and not isinstance(payload, Mapping):
+            raise TypeError(
+                f"log_event(): payload must be a dict or None, not {type(payload).__name__}"
+            )
+        if not self._config.enabled:
+            return
+
+        converted = self._convert(payload or {}, "payload", run_id)
+        with self._lock:
+            active = self._active.get(run_id)
+        event = RunEvent(
+            run_id=run_id,
+            event_type=event_type,
+            timestamp=get_iso8601_timestamp(),
+            payload=converted,
+            agent_name=active.record.agent_name if active else None,
+        )
+        self._write_journal("event", event.to_dict(), run_id)
+
+    def end_run(self, run_id: str, status: str = "success", **fields: Any) -> RunRecord | None:
+        """End a run: journal its end, update the index, and post it to the API.
+
+        Posting takes at most ``config.end_run_timeout`` seconds; a run not posted by then
+        stays pending for flush_pending. A run that was started by another client or
+        process is looked up in the index. Ending an unknown run logs a warning, and ending
+        one that has already ended logs a warning and changes nothing.
+
+        Args:
+            run_id: the id start_run returned.
+            status: one of success, failed, partial, cancelled, timeout, abandoned.
+            **fields: any of RunRecord.CALLER_FIELDS, as for start_run.
+
+        Returns:
+            The final record, or None when the run is unknown or the client is disabled.
+
+        Raises:
+            TypeError, ValueError: an invalid status, field name or value.
+        """
+        record = self._finish_run(run_id, status, fields)
+        if record is not None:
+            self._post_ended_run(record)
+        return record
+
+    def track_run(
+        self,
+        agent_name: str,
+        job_type: str,
+        trigger_type: str = "cli",
+        **fields: Any,
+    ) -> TrackedRun:
+        """Return a context manager that runs its block as one run, for with and async with.
+
+        The block gets a RunContext. Inside another track_run block, the run records the
+        outer run as its parent unless parent_run_id is given. On leaving, the run ends
+        with a status that context.classify_exit documents: success, failed, cancelled or
+        timeout. The exception that left the block, if any, is re-raised unchanged.
+
+        Raises:
+            TypeError, ValueError: as start_run, when the block is entered.
+        """
+        return TrackedRun(
+            self,
+            {
+                "agent_name": agent_name,
+                "job_type": job_type,
+                "trigger_type": trigger_type,
+                **fields,
+            },
+        )
+
+    def get_stats(self) -> dict[str, Any]:
+        """Return counts of the runs in the index: by status, by agent, and pending posts.
+
+        Keys are those of DatabaseWriter.get_run_stats, plus ``active_runs`` (runs this
+        client started and has not ended) and ``index_available``. When the index cannot
+        be read, the counts are empty and the fault is logged.
+        """
+        stats: dict[str, Any] | None = None
+        index = self._open_index()
+        if index is not None:
+            stats = self._guard("read statistics for", None, index.get_run_stats)
+        if stats is None:
+            stats = {
+                "total_runs": 0,
+                "by_status": dict.fromkeys(STATUSES, 0),
+                "pending_api_posts": 0,
+                "by_agent": {},
+            }
+        with self._lock:
+            stats["active_runs"] = len(self._active)
+        stats["index_available"] = index is not None
+        return stats
+
+    def flush_pending(
+        self,
+        limit: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> FlushResult:
+        """Post every pending run now, ignoring the backoff of the automatic retries.
+
+        Each post gets the full retries of the API client. Returns when each pending run
+        was posted or failed. Nothing is posted when the API is off or not configured.
+
+        Args:
+            limit: post at most this many runs, oldest first.
+            progress: called with (runs done, runs in total) after each run.
+        """
+        index = self._open_index()
+        if index is None or not self._api.enabled:
+            if not self._api.enabled:
+                logger.info("flush_pending: the API is not configured or enabled; nothing posted")
+            return FlushResult(0, 0)
+        pending = self._guard("list pending posts", None, index.get_pending_api_posts, limit)
+        if not pending:
+            return FlushResult(0, 0)
+
+        posted = failed = 0
+        for done, record in enumerate(pending, start=1):
+            if self._post_and_mark(index, record, deadline=None):
+                posted += 1
+            else:
+                failed += 1
+            if progress is not None:
+                progress(done, len(pending))
+        logger.info("flush_pending: %d posted, %d failed", posted, failed)
+        return FlushResult(posted, failed)
+
+    def close(self) -> None:
+        """Flush the journal and close the index and the HTTP connections.
+
+        Runs that are still open stay ``running`` in the index; at interpreter exit they
+        are ended as ``abandoned`` instead. Idempotent; faults are logged.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            journal, self._journal = self._journal, None
+            index, self._index = self._index, None
+        if journal is not None:
+            self._guard("close the journal", None, journal.close)
+        if index is not None:
+            self._guard("close the index", None, index.close)
+        self._guard("close the API client", None, self._api.close)
+
+    def __enter__(self) -> TelemetryClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"TelemetryClient(enabled={self._config.enabled}, "
+            f"data_dir={str(self._config.data_dir)!r}, api={self._api.enabled})"
+        )
+
+    # -- ending runs ------------------------------------------------------------------
+
+    def _finish_run(self, run_id: str, status: str, fields: dict[str, Any]) -> RunRecord | None:
+        check_text(run_id, "run_id")
+        check_final_status(status, "end_run")
+        fields = check_fields(fields, "end_run")
+        if not self._config.enabled:
+            return None
+
+        with self._lock:
+            active = self._active.pop(run_id, None)
+        now = get_iso8601_timestamp()
+        if active is not None:
+            record = active.record
+            duration_ms = round((time.monotonic() - active.started_monotonic) * 1000)
+        else:
+            found = self._find_run(run_id)
+            if found is None:
+                return None
+            record = found
+            duration_ms = calculate_duration_ms(record.start_time, now)
+
+        self._apply_fields(record, fields)
+        record.status = status
+        record.end_time = now
+        record.duration_ms = duration_ms
+        record.updated_at = now
+
+        self._write_journal("run_end", record.to_dict(), run_id)
+        index = self._open_index()
+        if index is not None:
+            self._guard("index the end of", run_id, self._store_end, index, record)
+        return record
+
+    def _find_run(self, run_id: str) -> RunRecord | None:
+        index = self._open_index()
+        found = None
+        if index is not None:
+            found = self._guard("look up", run_id, index.get_run, run_id)
+        if found is None:
+            logger.warning(
+                "end_run: run %s was not started by this client and is not in the index; "
+                "nothing recorded",
+                run_id,
+            )
+            return None
+        if found.is_final:
+            logger.warning(
+                "end_run: run %s already ended with status %s; nothing changed",
+                run_id,
+                found.status,
+            )
+            return None
+        return found
+
+    @staticmethod
+    def _store_end(index: DatabaseWriter, record: RunRecord) -> None:
+        # The start may be missing from the index (it was locked or broken then), so an
+        # update that finds no row writes the whole record instead.
+        values = record.to_dict()
+        del values["run_id"]
+        if not index.update_run(record.run_id, **values):
+            index.upsert_run(record)
+
+    def _post_ended_run(self, record: RunRecord) -> None:
+        if not self._api.enabled or self._config.end_run_timeout <= 0:
+            return
+        index = self._open_index()
+        deadline = time.monotonic() + self._config.end_run_timeout
+        if not self._post_and_mark(index, record, deadline):
+            return
+        if index is not None:
+            self._retry_due_posts(index, deadline)
+
+    def _retry_due_posts(self, index: DatabaseWriter, deadline: float) -> None:
+        """Post a few older pending runs whose backoff has passed, within the deadline."""
+        pending = self._guard("list pending posts", None, index.get_pending_api_posts, 50)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        due = [record for record in pending or () if _retry_is_due(record, now)]
+        for record in due[:AUTO_RETRY_RUNS_PER_END]:
+            if time.monotonic() >= deadline:
+                return
+            if not self._post_and_mark(index, record, deadline):
+                return
+
+    def _post_and_mark(
+        self, index: DatabaseWriter | None, record: RunRecord, deadline: float | None
+    ) -> bool:
+        payload = APIPayload.from_run_record(record)
+        result = self._guard(
+            "post", record.run_id, self._api.post_run_sync, payload, deadline=deadline
+        )
+        return self._store_post_result(index, record, result)
+
+    async def _end_run_async(
+        self, run_id: str, status: str, fields: dict[str, Any]
+    ) -> RunRecord | None:
+        """End a run as end_run does, posting it without blocking the event loop."""
+        record = self._finish_run(run_id, status, fields)
+        if record is None or not self._api.enabled or self._config.end_run_timeout <= 0:
+            return record
+        deadline = time.monotonic() + self._config.end_run_timeout
+        payload = APIPayload.from_run_record(record)
+        try:
+            result: PostResult | None = await self._api.post_run_async(payload, deadline=deadline)
+        except Exception as exc:
+            logger.error("failed to post run %s: %s", run_id, _describe(exc))
+            result = None
+        self._store_post_result(self._open_index(), record, result)
+        return record
+
+    def _store_post_result(
+        self, index: DatabaseWriter | None, record: RunRecord, result: PostResult | None
+    ) -> bool:
+        """Record the outcome of a post on ``record`` and in the index; return its success."""
+        now = get_iso8601_timestamp()
+        if result is not None and result.success:
+            record.api_posted = True
+            record.api_posted_at = now
+            record.api_last_error = None
+            if index is not None:
+                self._guard(
+                    "mark as posted", record.run_id, index.mark_api_posted, record.run_id, now
+                )
+            return True
+
+        error = result.message if result is not None else "the post raised; see the log"
+        record.api_retry_count += 1
+        record.api_last_error = error
+        if index is not None:
+            self._guard(
+                "count a failed post of",
+                record.run_id,
+                index.increment_api_retry_count,
+                record.run_id,
+                error,
+            )
+        return False
+
+    # -- helpers used by RunContext -------------------------------------------------------
+
+    def _update_active(self, run_id: str, fields: dict[str, Any]) -> None:
+        with self._lock:
+            active = self._active.get(run_id)
+            if active is not None:
+                self._apply_fields(active.record, fields)
+                return
+        if self._config.enabled:
+            logger.warning("set_metrics: run %s has already ended; the fields are ignored", run_id)
+
+    def _apply_fields(self, record: RunRecord, fields: dict[str, Any]) -> None:
+        for name, value in fields.items():
+            if name == "metrics_json":
+                if value is None:
+                    record.metrics_json = None
+                    continue
+                merged = dict(record.metrics_json or {})
+                merged.update(self._convert(value, "metrics_json", record.run_id))
+                record.metrics_json = merged
+            else:
+                setattr(record, name, value)
+
+    # -- storage --------------------------------------------------------------------------
+
+    def _convert(self, value: Mapping[str, Any], path: str, run_id: str) -> dict[str, Any]:
+        converted, issues = make_jsonable(dict(value), path)
+        for issue in issues:
+            self._repeats.log(
+                logger,
+                logging.WARNING,
+                ("convert", issue.path, issue.reason),
+                "run %s: %s: %s",
+                run_id,
+                issue.path,
+                issue.reason,
+            )
+        return converted  # type: ignore[no-any-return]
+
+    def _write_journal(self, record_type: str, data: dict[str, Any], run_id: str) -> None:
+        journal = self._open_journal()
+        if journal is not None:
+            self._guard(f"journal the {record_type} of", run_id, journal.append, record_type, data)
+
+    def _open_journal(self) -> NDJSONWriter | None:
+        with self._lock:
+            if self._journal is None and self._may_open("journal"):
+                self._journal = self._open(
+                    "journal",
+                    lambda: NDJSONWriter(
+                        self._config.ndjson_dir,
+                        durability=self._config.durability,
+                        batch_interval=self._config.batch_interval,
+                    ),
+                )
+            return self._journal
+
+    def _open_index(self) -> DatabaseWriter | None:
+        with self._lock:
+            if self._index is None and self._may_open("index"):
+                self._index = self._open("index", lambda: DatabaseWriter(self._config.db_path))
+            return self._index
+
+    def _may_open(self, component: str) -> bool:
+        if self._closed or not self._config.enabled:
+            return False
+        failed_at = self._failed_at.get(component)
+        return failed_at is None or time.monotonic() - failed_at >= REOPEN_AFTER_SECONDS
+
+    def _open(self, component: str, factory: Callable[[], _T]) -> _T | None:
+        try:
+            _make_private_dir(self._config.data_dir)
+            opened = factory()
+        except Exception as exc:
+            self._failed_at[component] = time.monotonic()
+            logger.error(
+                "cannot open the %s in %s: %s; runs are not recorded there until it opens",
+                component,
+                self._config.data_dir,
+                _describe(exc),
+            )
+            return None
+        self._failed_at.pop(component, None)
+        return opened
+
+    def _guard(
+        self,
+        action: str,
+        run_id: str | None,
+        function: Callable[..., _T],
+        *args: Any,
+        **kwargs: Any,
+    ) -> _T | None:
+        """Call ``function``; log an exception it raises instead of raising it."""
+        try:
+            return function(*args, **kwargs)
+        except Exception as exc:
+            target = f" run {run_id}" if run_id else ""
+            self._repeats.log(
+                logger,
+                logging.ERROR,
+                (action, type(exc)),
+                "failed to %s%s: %s",
+                action,
+                target,
+                _describe(exc),
+            )
+            return None
+
+    # -- interpreter exit ----------------------------------------------------------------
+
+    def _abandon_open_runs(self) -> None:
+        with self._lock:
+            open_runs = list(self._active)
+        for run_id in open_runs:
+            logger.warning(
+                "run %s was still open at interpreter exit; ending it as abandoned", run_id
+            )
+            self._finish_run(
+                run_id,
+                "abandoned",
+                {"error_summary": "the process exited before end_run was called"},
+            )
+
+
+def _config_from_environment() -> TelemetryConfig:
+    try:
+        return TelemetryConfig().validate()
+    except ConfigError as exc:
+        logger.error("%s; telemetry is disabled for this process until the setting is fixed", exc)
+        return TelemetryConfig(enabled=False, environ={})
+
+
+def _make_private_dir(path: os.PathLike[str]) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _retry_is_due(record: RunRecord, now: datetime.datetime) -> bool:
+    if record.updated_at is None:
+        return True
+    try:
+        last_attempt = parse_timestamp(record.updated_at)
+    except ValueError:
+        return True
+    doublings = min(record.api_retry_count, 20)
+    wait = min(AUTO_RETRY_BASE_SECONDS * 2.0**doublings, AUTO_RETRY_MAX_SECONDS)
+    return (now - last_attempt).total_seconds() >= wait
+
+
+_hostname_cache: str | None = None
+
+
+def _hostname() -> str:
+    global _hostname_cache
+    if _hostname_cache is None:
+        _hostname_cache = socket.gethostname()
+    return _hostname_cache
+
+
+# Clients alive in this process, closed at interpreter exit. Weak references, so a client
+# that the program drops is not kept alive by the exit hook.
+_live_clients: weakref.WeakSet[TelemetryClient] = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _register_exit_hook(client: TelemetryClient) -> None:
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        _live_clients.add(client)
+        if not _exit_hook_registered:
+            atexit.register(_close_live_clients)
+            _exit_hook_registered = True
+
+
+def _close_live_clients() -> None:
+    for client in list(_live_clients):
+        try:
+            client._abandon_open_runs()
+            client.close()
+        except Exception:
+            logger.exception("failed to close a telemetry client at exit")
