@@ -116,9 +116,12 @@ def test_misuse_raises_naming_value(tmp_path: Path, call: Any, message: str) -> 
 
 def test_set_metrics_unknown_field_raises(tmp_path: Path) -> None:
     """RunContext.set_metrics rejects an unknown field by name."""
-    with make_client(tmp_path) as client, client.track_run("a", "b") as run:
-        with pytest.raises(TypeError, match="unknown field 'rows'"):
-            run.set_metrics(rows=3)
+    with (
+        make_client(tmp_path) as client,
+        client.track_run("a", "b") as run,
+        pytest.raises(TypeError, match="unknown field 'rows'"),
+    ):
+        run.set_metrics(rows=3)
 
 
 def test_set_metrics_merges_metrics(tmp_path: Path) -> None:
@@ -191,9 +194,8 @@ def test_track_run_status_from_exit(
 ) -> None:
     """Each way of leaving the block gives its status, and the exception is re-raised as is."""
     with make_client(tmp_path) as client:
-        with pytest.raises(type(error)) as raised:
-            with client.track_run("a", "b") as run:
-                raise error
+        with pytest.raises(type(error)) as raised, client.track_run("a", "b") as run:
+            raise error
         row = index_row(client, run.run_id)
 
     assert raised.value is error
