@@ -47,13 +47,18 @@ def get_iso8601_timestamp(moment: datetime.datetime | None = None) -> str:
     """Return ``moment`` (default: now) as ISO 8601 in UTC with microseconds and ``+00:00``.
 
     Raises:
-        ValueError: ``moment`` is naive, so its offset from UTC is unknown.
+        ValueError: ``moment`` is naive, so its offset from UTC is unknown, or it lies so
+            close to year 1 or 9999 that it has no UTC equivalent.
     """
     if moment is None:
         moment = datetime.datetime.now(datetime.timezone.utc)
     elif moment.utcoffset() is None:
         raise ValueError(f"naive datetime {moment!r}: pass an aware one, e.g. with tzinfo=UTC")
-    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="microseconds")
+    try:
+        utc = moment.astimezone(datetime.timezone.utc)
+    except OverflowError:
+        raise ValueError(f"datetime {moment!r} is outside the range of UTC datetimes") from None
+    return utc.isoformat(timespec="microseconds")
 
 
 def parse_timestamp(value: str | datetime.datetime) -> datetime.datetime:
@@ -271,7 +276,10 @@ class RunRecord(_Record):
         # The index stores metrics as JSON text and booleans as integers.
         metrics = values.get("metrics_json")
         if isinstance(metrics, (str, bytes)):
-            values["metrics_json"] = orjson.loads(metrics) if metrics else None
+            try:
+                values["metrics_json"] = orjson.loads(metrics) if metrics else None
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"RunRecord field metrics_json is not valid JSON: {exc}") from None
         if "api_posted" in values:
             values["api_posted"] = bool(values["api_posted"])
         return cls(**values)
@@ -291,7 +299,11 @@ class RunEvent(_Record):
 
 @dataclass(eq=True)
 class APIPayload(_Record):
-    """The body of a run posted to the API: the run without its sync and bookkeeping fields."""
+    """The body of a run posted to the API.
+
+    It has the run's fields except the sync state (api_*) and the index's bookkeeping
+    (created_at, updated_at); schema_version is kept so that a server can tell layouts apart.
+    """
 
     run_id: str
     agent_name: str
@@ -328,4 +340,7 @@ class APIPayload(_Record):
     def from_run_record(cls, record: RunRecord) -> APIPayload:
         """Return the payload for ``record``, with the same values for the fields it has."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in record.to_dict().items() if key in names})
+        values = {key: value for key, value in record.to_dict().items() if key in names}
+        if values["metrics_json"] is not None:
+            values["metrics_json"] = dict(values["metrics_json"])
+        return cls(**values)
