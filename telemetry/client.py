@@ -653,7 +653,19 @@ def _register_exit_hook(client: TelemetryClient) -> None:
         _live_clients.add(client)
         if not _exit_hook_registered:
             atexit.register(_close_live_clients)
+            if hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=_reset_locks_in_child)
             _exit_hook_registered = True
+
+
+def _reset_locks_in_child() -> None:
+    # A fork while another thread holds a client's lock would leave it held forever in
+    # the child. The writers reset their own state in the child the same way.
+    global _exit_hook_lock
+    _exit_hook_lock = threading.Lock()
+    for client in list(_live_clients):
+        client._lock = threading.RLock()
+        client._repeats = RepeatLimiter()
 
 
 def _close_live_clients() -> None:

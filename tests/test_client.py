@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -559,3 +561,33 @@ def test_index_unlocked_between_runs(tmp_path: Path) -> None:
         other.execute("BEGIN IMMEDIATE")
         other.rollback()
         other.close()
+
+
+def test_fork_while_lock_held(tmp_path: Path) -> None:
+    """A child forked while another thread holds the client's lock can still record runs."""
+    client = make_client(tmp_path)
+    client.start_run("warm-up", "b")
+    held, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with client._lock:
+            held.set()
+            release.wait(timeout=30)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    held.wait(timeout=30)
+    child = os.fork()
+    if child == 0:
+        signal.alarm(20)  # a deadlocked child dies instead of hanging the suite
+        try:
+            client.end_run(client.start_run("child", "b"))
+            os._exit(0 if client.get_stats()["by_status"]["success"] == 1 else 1)
+        finally:
+            os._exit(2)
+    release.set()
+    holder.join()
+    _, status = os.waitpid(child, 0)
+    client.close()
+
+    assert os.waitstatus_to_exitcode(status) == 0
