@@ -29,7 +29,7 @@ import threading
 import time
 import urllib.request
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -159,7 +159,64 @@ def _reset_locks_in_child() -> None:
         writer._lock = threading.Lock()
 
 
+class _ForkGate:
+    """Keeps fork() from happening while a thread of this process is inside SQLite.
+
+    SQLite records the file locks of a process in memory. A child forked during a
+    transaction inherits a record of locks it does not hold, and its own connections then
+    find the database locked for good. Every database access enters the gate, and fork
+    waits at most FORK_WAIT_SECONDS for the accesses in progress to leave it.
+    """
+
+    FORK_WAIT_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._active = 0
+        self._forking = False
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        with self._condition:
+            while self._forking:
+                self._condition.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._active -= 1
+                if self._active == 0:
+                    self._condition.notify_all()
+
+    def before_fork(self) -> None:
+        # The condition's lock stays held from here until after the fork.
+        self._condition.acquire()
+        self._forking = True
+        deadline = time.monotonic() + self.FORK_WAIT_SECONDS
+        while self._active:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._condition.wait(remaining)
+
+    def after_fork_in_parent(self) -> None:
+        self._forking = False
+        self._condition.notify_all()
+        self._condition.release()
+
+    def after_fork_in_child(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+_fork_gate = _ForkGate()
+
 if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_fork_gate.before_fork,
+        after_in_parent=_fork_gate.after_fork_in_parent,
+        after_in_child=_fork_gate.after_fork_in_child,
+    )
     os.register_at_fork(after_in_child=_reset_locks_in_child)
 
 
@@ -366,7 +423,8 @@ class DatabaseWriter:
         """Return run ``run_id``, or None if the index does not have it."""
         _check_run_id(run_id)
         sql = f"SELECT {_SELECT_COLUMNS} FROM {TABLE} WHERE run_id = ?"
-        row = self._connection().execute(sql, (run_id,)).fetchone()
+        with _fork_gate.entered():
+            row = self._connection().execute(sql, (run_id,)).fetchone()
         return None if row is None else RunRecord.from_dict(dict(row))
 
     def list_runs(
@@ -410,7 +468,8 @@ class DatabaseWriter:
             f"SELECT {_SELECT_COLUMNS} FROM {TABLE}{where} "
             "ORDER BY start_time DESC, run_id DESC LIMIT ?"
         )
-        rows = self._connection().execute(sql, parameters).fetchall()
+        with _fork_gate.entered():
+            rows = self._connection().execute(sql, parameters).fetchall()
         return [RunRecord.from_dict(dict(row)) for row in rows]
 
     def get_pending_api_posts(self, limit: int | None = 100) -> list[RunRecord]:
@@ -423,7 +482,8 @@ class DatabaseWriter:
             f"SELECT {_SELECT_COLUMNS} FROM {TABLE} WHERE {_PENDING_CONDITION} "
             "ORDER BY start_time, run_id LIMIT ?"
         )
-        rows = self._connection().execute(sql, (_check_limit(limit),)).fetchall()
+        with _fork_gate.entered():
+            rows = self._connection().execute(sql, (_check_limit(limit),)).fetchall()
         return [RunRecord.from_dict(dict(row)) for row in rows]
 
     def get_run_stats(self) -> dict[str, Any]:
@@ -440,21 +500,22 @@ class DatabaseWriter:
         """
         connection = self._connection()
         # One read transaction, so that every number comes from the same WAL snapshot.
-        connection.execute("BEGIN")
-        try:
-            status_rows = connection.execute(
-                f"SELECT status, COUNT(*) FROM {TABLE} GROUP BY status"
-            ).fetchall()
-            pending_row = connection.execute(
-                f"SELECT COUNT(*) FROM {TABLE} WHERE {_PENDING_CONDITION}"
-            ).fetchone()
-            agent_rows = connection.execute(
-                "SELECT agent_name, COUNT(*), SUM(status = 'success'), SUM(status = 'failed'), "
-                f"SUM(status = 'running'), AVG(duration_ms) FROM {TABLE} "
-                "GROUP BY agent_name ORDER BY agent_name"
-            ).fetchall()
-        finally:
-            connection.execute("COMMIT")
+        with _fork_gate.entered():
+            connection.execute("BEGIN")
+            try:
+                status_rows = connection.execute(
+                    f"SELECT status, COUNT(*) FROM {TABLE} GROUP BY status"
+                ).fetchall()
+                pending_row = connection.execute(
+                    f"SELECT COUNT(*) FROM {TABLE} WHERE {_PENDING_CONDITION}"
+                ).fetchone()
+                agent_rows = connection.execute(
+                    "SELECT agent_name, COUNT(*), SUM(status = 'success'), "
+                    "SUM(status = 'failed'), SUM(status = 'running'), AVG(duration_ms) "
+                    f"FROM {TABLE} GROUP BY agent_name ORDER BY agent_name"
+                ).fetchall()
+            finally:
+                connection.execute("COMMIT")
 
         by_status = dict.fromkeys(STATUSES, 0)
         by_status.update({status: count for status, count in status_rows})
@@ -484,7 +545,8 @@ class DatabaseWriter:
             sqlite3.OperationalError: the check could not run, e.g. the database is locked.
         """
         try:
-            rows = self._connection().execute("PRAGMA integrity_check").fetchall()
+            with _fork_gate.entered():
+                rows = self._connection().execute("PRAGMA integrity_check").fetchall()
         except sqlite3.OperationalError:
             raise
         except sqlite3.DatabaseError as exc:
@@ -547,17 +609,18 @@ class DatabaseWriter:
         connection = self._connection()
 
         def transaction() -> _T:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(connection)
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    # A failed ROLLBACK must not hide the error that caused it.
-                    with contextlib.suppress(sqlite3.Error):
-                        connection.execute("ROLLBACK")
-                raise
-            return result
+            with _fork_gate.entered():
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(connection)
+                    connection.execute("COMMIT")
+                except BaseException:
+                    if connection.in_transaction:
+                        # A failed ROLLBACK must not hide the error that caused it.
+                        with contextlib.suppress(sqlite3.Error):
+                            connection.execute("ROLLBACK")
+                    raise
+                return result
 
         return self._retry_while_locked(operation, run_id, transaction)
 

@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import sqlite3
 import stat
 import sys
@@ -872,3 +873,31 @@ def test_path_with_uri_characters(tmp_path: Path) -> None:
         writer.insert_run(make_record("run-1"))
     assert path.exists()
     assert sorted(p.name for p in path.parent.iterdir()) == ["tele metry?.db"]
+
+
+def test_fork_during_transaction(tmp_path: Path) -> None:
+    """A child forked while another thread is inside a transaction can still write."""
+    writer = DatabaseWriter(tmp_path / "fork.db", busy_timeout_ms=200, sleep=lambda _: None)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_transaction(connection: sqlite3.Connection) -> None:
+        inside.set()
+        release.wait(timeout=10)
+
+    holder = threading.Thread(target=writer._write, args=("hold", None, hold_transaction))
+    holder.start()
+    inside.wait(timeout=10)
+    release.set()
+    child = os.fork()
+    if child == 0:
+        signal.alarm(20)  # a deadlocked child dies instead of hanging the suite
+        try:
+            os._exit(0 if writer.insert_run(make_record("child-run")) else 1)
+        except BaseException:
+            os._exit(2)
+    holder.join()
+    _, status = os.waitpid(child, 0)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert writer.get_run("child-run") is not None
+    writer.close()
