@@ -49,7 +49,11 @@ def check_fields(fields: Mapping[str, Any], caller: str) -> dict[str, Any]:
                     f"{caller}(): {name} must be an int, not {type(value).__name__}: {value!r}"
                 )
             if not 0 <= value <= INT64_MAX:
-                raise ValueError(f"{caller}(): {name}={value} is outside 0..{INT64_MAX}")
+                shown = value if value.bit_length() <= 64 else f"<{value.bit_length()}-bit int>"
+                raise ValueError(
+                    f"{caller}(): {name}={shown} is outside 0..{INT64_MAX}, "
+                    "the range the index can store"
+                )
         elif name == "metrics_json":
             if value is not None and not isinstance(value, Mapping):
                 raise TypeError(

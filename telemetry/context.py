@@ -31,8 +31,10 @@ _current_run: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar
 def current_run() -> RunContext | None:
     """Return the RunContext of the innermost ``track_run`` active here, or None.
 
-    The value follows contextvars, so each thread and asyncio task sees its own run, and a
-    task created inside a run sees that run.
+    The value follows contextvars, so each thread and asyncio task has its own run, and a
+    task created inside a run inherits that run. A thread started inside a run does not,
+    because a new thread starts with an empty context; run it through
+    ``contextvars.copy_context().run`` to pass the run on.
     """
     return _current_run.get()
 
@@ -104,7 +106,9 @@ def classify_exit(error: BaseException | None) -> tuple[str, dict[str, str]]:
     ==============================================  ===========
 
     Every status other than success records the exception type in error_summary, and an
-    Exception's traceback in error_details.
+    Exception's traceback in error_details. A block inside ``asyncio.timeout()`` or
+    ``asyncio.wait_for`` sees the cancellation, not the TimeoutError raised outside it, so
+    its run ends as cancelled.
     """
     if error is None:
         return "success", {}
@@ -118,13 +122,25 @@ def classify_exit(error: BaseException | None) -> tuple[str, dict[str, str]]:
     else:
         status = "failed"
 
-    message = str(error)
+    message = _safe_str(error)
     summary = type(error).__qualname__ + (f": {message}" if message else "")
     fields = {"error_summary": _truncate(summary, MAX_ERROR_SUMMARY)}
     if isinstance(error, Exception) or status == "failed":
-        details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        try:
+            details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        except Exception as exc:
+            details = f"{summary}\n<the traceback could not be formatted: {type(exc).__name__}>"
         fields["error_details"] = _truncate(details, MAX_ERROR_DETAILS)
     return status, fields
+
+
+def _safe_str(error: BaseException) -> str:
+    # str() runs the exception's own __str__, which can raise; the host's exception must
+    # still reach the caller unchanged.
+    try:
+        return str(error)
+    except Exception as exc:
+        return f"<str() of the exception raised {type(exc).__name__}>"
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -172,8 +188,8 @@ class TrackedRun:
         context = self._leave()
         if context is None:
             return
-        status, error_fields = self._final_status(context, exc)
         try:
+            status, error_fields = self._final_status(context, exc)
             self._client.end_run(context.run_id, status, **error_fields)
         except Exception:
             logger.exception("failed to end run %s; the run stays open", context.run_id)
@@ -208,8 +224,8 @@ class TrackedRun:
         context = self._leave()
         if context is None:
             return
-        status = self._final_status(context, exc)
         try:
-            await self._client._end_run_async(context.run_id, status[0], status[1])
+            status, error_fields = self._final_status(context, exc)
+            await self._client._end_run_async(context.run_id, status, error_fields)
         except Exception:
             logger.exception("failed to end run %s; the run stays open", context.run_id)

@@ -8,7 +8,8 @@ each conversion is reported as a ``ConversionIssue`` naming the field:
 value                         stored as
 ============================  ==========================================================
 float NaN, +inf, -inf         the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
-int outside signed 64 bits    its decimal digits as a string, e.g. ``"1180591620717411303424"``
+int outside signed 64 bits    its decimal digits as a string, e.g. ``"1180591620717411303424"``,
+                              or ``hex()`` text (``"0x..."``) past 4300 digits
 str with a lone surrogate     the string with each surrogate escaped as ``\\udXXX`` text
 bytes, bytearray, memoryview  ``"base64:"`` followed by the standard base64 of the bytes
 set, frozenset                a list, sorted when the items can be compared
@@ -47,6 +48,7 @@ __all__ = [
     "INT64_MIN",
     "ConversionIssue",
     "dumps",
+    "int_to_text",
     "make_jsonable",
 ]
 
@@ -101,6 +103,18 @@ def _convert(value: Any, path: str, issues: list[ConversionIssue], active: list[
         return _convert_float(value, path, issues)
     if value is None or kind is bool:
         return value
+    try:
+        return _convert_other(value, path, issues, active)
+    except Exception as exc:
+        # User code runs here (__fspath__, __iter__, __class__, properties), and a shared
+        # container may change under another thread: the value is stored as its repr().
+        issues.append(
+            ConversionIssue(path, f"conversion raised {type(exc).__name__}; stored as repr()")
+        )
+        return _safe_repr(value, path, issues)
+
+
+def _convert_other(value: Any, path: str, issues: list[ConversionIssue], active: list[Any]) -> Any:
     if isinstance(value, _TIME_TYPES):
         return _convert_time(value, path, issues)
     if isinstance(value, uuid.UUID):
@@ -166,7 +180,8 @@ def _convert_mapping(
 ) -> dict[str, Any]:
     changed = type(value) is not dict
     result: dict[str, Any] = {}
-    for index, (key, item) in enumerate(value.items()):
+    # A snapshot of the items, because another thread may change a shared dict meanwhile.
+    for index, (key, item) in enumerate(list(value.items())):
         new_key = _convert_key(key, path, index, issues)
         if new_key in result:
             new_key = _unique_key(new_key, result, path, issues)
@@ -181,7 +196,7 @@ def _convert_sequence(
 ) -> list[Any] | tuple[Any, ...]:
     changed = type(value) not in (list, tuple)
     result = []
-    for index, item in enumerate(value):
+    for index, item in enumerate(list(value)):
         new_item = _convert(item, f"{path}[{index}]", issues, active)
         changed = changed or new_item is not item
         result.append(new_item)
@@ -195,7 +210,7 @@ def _convert_key(key: Any, path: str, index: int, issues: list[ConversionIssue])
     if isinstance(key, bool) or key is None:
         text = orjson.dumps(key).decode()
     elif isinstance(key, int):
-        text = str(int(key))
+        text = int_to_text(int(key))
     elif isinstance(key, float):
         text = repr(float(key))
     elif isinstance(key, str):
@@ -232,7 +247,19 @@ def _convert_int(value: int, path: str, issues: list[ConversionIssue]) -> int | 
     if INT64_MIN <= value <= INT64_MAX:
         return value
     issues.append(ConversionIssue(path, "integer outside 64 bits stored as string"))
-    return str(value)
+    return int_to_text(value)
+
+
+def int_to_text(value: int) -> str:
+    """Return the decimal digits of ``value``, or its hex form past Python's digit limit.
+
+    Python refuses decimal conversion of integers over 4300 digits by default
+    (sys.set_int_max_str_digits), but hex() has no such limit and is exact too.
+    """
+    try:
+        return str(value)
+    except ValueError:
+        return hex(value)
 
 
 def _convert_float(value: float, path: str, issues: list[ConversionIssue]) -> float | str:
