@@ -16,11 +16,13 @@ do not depend on APIClient, such as the Retry-After parser, are in telemetry._ht
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
@@ -138,7 +140,7 @@ class APIClient:
         self._clock = clock
         self._url = config.api_url or ""
         self._display_url, url_password = _mask_url_password(self._url)
-        self._secrets = tuple(secret for secret in (token, url_password) if secret)
+        self._secrets = _secret_forms(token, url_password)
         self._base_headers = {"User-Agent": _user_agent()}
         if token is not None:
             self._base_headers["Authorization"] = f"Bearer {token}"
@@ -562,6 +564,30 @@ class APIClient:
         if self._client is not None:
             _inherited_clients.append(self._client)
         self._client = None
+
+
+def _secret_forms(*secrets: str | None) -> tuple[str, ...]:
+    """Return each secret with the escaped forms a server may echo it in, longest first.
+
+    A JSON encoder may escape "/" as "\\/" and any non-ASCII character as \\uXXXX, and a
+    URL or form encoder percent-encodes; every form is masked, not just the plain text.
+    """
+    forms: set[str] = set()
+    for secret in secrets:
+        if not secret:
+            continue
+        json_text = json.dumps(secret)[1:-1]
+        forms.update(
+            {
+                secret,
+                json_text,
+                json_text.replace("/", "\\/"),
+                urllib.parse.quote(secret, safe=""),
+                urllib.parse.quote(secret),
+                urllib.parse.quote_plus(secret, safe=""),
+            }
+        )
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 def _status_cause(status: int, excerpt: str) -> str:

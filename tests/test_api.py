@@ -358,6 +358,27 @@ def test_post_body_token_masked(api_server: ScriptedServer, make_client: ClientF
     assert result.message == "HTTP 400: unknown token ***"
 
 
+@pytest.mark.parametrize(
+    "echo",
+    [
+        '{"auth": "Bearer abc\\/def+ghi"}',
+        "token=abc%2Fdef%2Bghi",
+        "path=/runs/abc/def%2Bghi",
+    ],
+)
+def test_post_escaped_token_masked(
+    api_server: ScriptedServer, make_client: ClientFactory, echo: str
+) -> None:
+    """A token echoed JSON-escaped or percent-encoded in an error body is masked too."""
+    client, _ = make_client(api_token="abc/def+ghi")
+    api_server.respond(400, body=echo.encode())
+
+    result = post(client, "sync")
+
+    assert "def" not in result.message
+    assert "***" in result.message
+
+
 def test_post_cut_token_masked(api_server: ScriptedServer, make_client: ClientFactory) -> None:
     """A token cut in two by the body read limit leaks no part of itself."""
     client, _ = make_client()
