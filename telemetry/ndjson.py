@@ -314,6 +314,8 @@ class NDJSONWriter:
             fd = self._file_for_date(date)
 
             _lock_file(fd)
+            if not _is_linked_at(fd, self.file_path(date)):
+                fd = self._reopen_replaced_file(fd, date)
             try:
                 torn = _ends_with_torn_line(fd)
                 _write_all(fd, b"\n" + line if torn else line)
@@ -345,6 +347,21 @@ class NDJSONWriter:
             _fsync_directory(self.directory)
         self._fd = fd
         self._date = date
+        return fd
+
+    def _reopen_replaced_file(self, fd: int, date: str) -> int:
+        # Called with self._lock and the file lock on fd held. Lines written to a file that
+        # was deleted or replaced would vanish, so the writer moves to the file now there.
+        _unlock_file(fd)
+        logger.warning(
+            "journal file %s was deleted or replaced while open; appending to the new file",
+            self.file_path(date),
+        )
+        self._retire_file(fd, date)
+        self._fd = None
+        self._date = None
+        fd = self._file_for_date(date)
+        _lock_file(fd)
         return fd
 
     def _retire_file(self, fd: int, date: str) -> None:
@@ -609,6 +626,16 @@ def _unlock_file(fd: int) -> None:
         portalocker.unlock(fd)
     except portalocker.LockException as exc:
         raise OSError(errno.ENOLCK, f"failed to unlock the journal file: {exc}") from exc
+
+
+def _is_linked_at(fd: int, path: Path) -> bool:
+    # Whether path still names the open file: the same inode on the same device.
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_ino, named.st_dev) == (opened.st_ino, opened.st_dev)
 
 
 def _ends_with_torn_line(fd: int) -> bool:

@@ -810,3 +810,30 @@ def test_settings_invalid(tmp_path: Path, durability: str, batch_interval: float
     """An invalid durability or batch_interval raises ConfigError naming the setting."""
     with pytest.raises(ConfigError, match=f"invalid {key}="):
         NDJSONWriter(tmp_path, durability=durability, batch_interval=batch_interval)
+
+
+def test_deleted_file_reopened(tmp_path: Path, journal_logs: pytest.LogCaptureFixture) -> None:
+    """A journal file deleted while a writer has it open is recreated on the next append."""
+    writer = NDJSONWriter(tmp_path, durability="none")
+    writer.append("event", event(n=1))
+    writer.file_path(DATE).unlink()
+
+    writer.append("event", event(n=2))
+    writer.close()
+
+    assert [line["payload"]["n"] for line in NDJSONWriter(tmp_path).read_file(DATE)] == [2]
+    assert any("deleted or replaced" in text for text in messages(journal_logs))
+
+
+def test_replaced_file_reopened(tmp_path: Path) -> None:
+    """A journal file replaced by another file gets the next lines, not the old inode."""
+    writer = NDJSONWriter(tmp_path, durability="none")
+    writer.append("event", event(n=1))
+    replacement = tmp_path / "replacement"
+    replacement.write_bytes(writer.file_path(DATE).read_bytes())
+    os.replace(replacement, writer.file_path(DATE))
+
+    writer.append("event", event(n=2))
+    writer.close()
+
+    assert [line["payload"]["n"] for line in NDJSONWriter(tmp_path).read_file(DATE)] == [1, 2]
