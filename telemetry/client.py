@@ -20,6 +20,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from telemetry._fields import check_fields, check_final_status, check_text
@@ -60,10 +61,12 @@ AUTO_RETRY_RUNS_PER_END = 3
 
 
 class FlushResult(NamedTuple):
-    """Outcome of flush_pending: how many pending runs were posted and how many failed."""
+    """Outcome of flush_pending, in numbers of runs."""
 
     posted: int
     failed: int
+    remaining: int = 0
+    """Pending runs not tried because the timeout passed first."""
 
 
 @dataclass
@@ -79,18 +82,24 @@ class TelemetryClient:
     first use; the data directory is created with owner-only permissions.
 
     Args:
-        config: the settings. None resolves them from the environment; an invalid
-            environment is then logged as an error and the client is disabled, because a
-            broken setting must not stop the agent. An explicit config is validated and
-            raises ConfigError when invalid.
+        config: the settings. None resolves them from the environment, where an invalid
+            variable is logged as an error and replaced by its default, because a broken
+            setting must not stop the agent. An explicit config is validated and raises
+            ConfigError when invalid.
 
     Raises:
         ConfigError: an explicit ``config`` is invalid.
+        TypeError: ``config`` is not a TelemetryConfig.
     """
 
     def __init__(self, config: TelemetryConfig | None = None) -> None:
         if config is None:
             config = _config_from_environment()
+        elif not isinstance(config, TelemetryConfig):
+            raise TypeError(
+                f"config must be a TelemetryConfig or None, not {type(config).__name__}: "
+                "pass TelemetryConfig(**settings)"
+            )
         else:
             config.validate()
         self._config = config
@@ -277,35 +286,60 @@ class TelemetryClient:
         self,
         limit: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        timeout: float | None = None,
     ) -> FlushResult:
         """Post every pending run now, ignoring the backoff of the automatic retries.
 
         Each post gets the full retries of the API client. Returns when each pending run
-        was posted or failed. Nothing is posted when the API is off or not configured.
+        was posted or failed, or when ``timeout`` has passed; the runs not tried by then
+        stay pending and are counted in ``FlushResult.remaining``. Nothing is posted when
+        the API is off or not configured.
 
         Args:
-            limit: post at most this many runs, oldest first.
+            limit: post at most this many runs, oldest first; None for all.
             progress: called with (runs done, runs in total) after each run.
+            timeout: seconds after which no further post or retry starts; None waits for all.
+
+        Raises:
+            TypeError, ValueError: ``limit`` is not a positive int, or ``timeout`` is not a
+                positive number.
         """
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise TypeError(f"flush_pending(): limit must be an int or None, not {limit!r}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"flush_pending(): limit={limit} must be 1 or more, or None")
+        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+            raise ValueError(f"flush_pending(): timeout={timeout!r} must be a positive number")
+
         index = self._open_index()
-        if index is None or not self._api.enabled:
-            if not self._api.enabled:
-                logger.info("flush_pending: the API is not configured or enabled; nothing posted")
-            return FlushResult(0, 0)
+        if not self._api.enabled:
+            logger.info("flush_pending: the API is not configured or enabled; nothing posted")
+            return FlushResult(0, 0, 0)
+        if index is None:
+            return FlushResult(0, 0, 0)
         pending = self._guard("list pending posts", None, index.get_pending_api_posts, limit)
         if not pending:
-            return FlushResult(0, 0)
+            return FlushResult(0, 0, 0)
 
+        deadline = None if timeout is None else time.monotonic() + timeout
         posted = failed = 0
         for done, record in enumerate(pending, start=1):
-            if self._post_and_mark(index, record, deadline=None):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if self._post_and_mark(index, record, deadline=deadline):
                 posted += 1
             else:
                 failed += 1
             if progress is not None:
                 progress(done, len(pending))
-        logger.info("flush_pending: %d posted, %d failed", posted, failed)
-        return FlushResult(posted, failed)
+        remaining = len(pending) - posted - failed
+        logger.info(
+            "flush_pending: %d posted, %d failed, %d not tried before the timeout",
+            posted,
+            failed,
+            remaining,
+        )
+        return FlushResult(posted, failed, remaining)
 
     def close(self) -> None:
         """Flush the journal and close the index and the HTTP connections.
@@ -525,6 +559,7 @@ class TelemetryClient:
             if self._journal is None and self._may_open("journal"):
                 self._journal = self._open(
                     "journal",
+                    self._config.ndjson_dir,
                     lambda: NDJSONWriter(
                         self._config.ndjson_dir,
                         durability=self._config.durability,
@@ -536,7 +571,9 @@ class TelemetryClient:
     def _open_index(self) -> DatabaseWriter | None:
         with self._lock:
             if self._index is None and self._may_open("index"):
-                self._index = self._open("index", lambda: DatabaseWriter(self._config.db_path))
+                self._index = self._open(
+                    "index", self._config.db_path, lambda: DatabaseWriter(self._config.db_path)
+                )
             return self._index
 
     def _may_open(self, component: str) -> bool:
@@ -545,17 +582,19 @@ class TelemetryClient:
         failed_at = self._failed_at.get(component)
         return failed_at is None or time.monotonic() - failed_at >= REOPEN_AFTER_SECONDS
 
-    def _open(self, component: str, factory: Callable[[], _T]) -> _T | None:
+    def _open(self, component: str, path: Path, factory: Callable[[], _T]) -> _T | None:
+        # The writers create their directories, with owner-only permissions.
         try:
-            _make_private_dir(self._config.data_dir)
             opened = factory()
         except Exception as exc:
             self._failed_at[component] = time.monotonic()
             logger.error(
-                "cannot open the %s in %s: %s; runs are not recorded there until it opens",
+                "cannot open the %s at %s: %s; runs are not recorded there until it opens "
+                "(next attempt in %.0f s)",
                 component,
-                self._config.data_dir,
+                path,
                 _describe(exc),
+                REOPEN_AFTER_SECONDS,
             )
             return None
         self._failed_at.pop(component, None)
@@ -602,15 +641,22 @@ class TelemetryClient:
 
 
 def _config_from_environment() -> TelemetryConfig:
-    try:
-        return TelemetryConfig().validate()
-    except ConfigError as exc:
-        logger.error("%s; telemetry is disabled for this process until the setting is fixed", exc)
-        return TelemetryConfig(enabled=False, environ={})
+    """Resolve the config from os.environ, replacing each invalid variable by its default.
 
-
-def _make_private_dir(path: os.PathLike[str]) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    A broken setting must not stop the agent, nor should a typo in an API setting stop
+    local recording, so each invalid variable is logged and ignored.
+    """
+    environ = dict(os.environ)
+    for _ in range(len(environ) + 1):
+        try:
+            return TelemetryConfig(environ=environ).validate()
+        except ConfigError as exc:
+            if exc.key not in environ:
+                break
+            logger.error("%s; %s is ignored and its default is used", exc, exc.key)
+            del environ[exc.key]
+    logger.error("the telemetry settings are invalid; telemetry is disabled for this process")
+    return TelemetryConfig(enabled=False, environ={})
 
 
 def _describe(exc: BaseException) -> str:

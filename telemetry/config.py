@@ -67,16 +67,17 @@ def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path.home() / ".local" / "share" / "agent-telemetry"
 
 
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
 def _parse_int(value: object, key: str) -> int:
+    # Only ASCII digits: int() would also take "1_0" and digits of other scripts.
     if isinstance(value, bool):
         raise ConfigError(key, value, "an integer")
     if isinstance(value, int):
         return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
+    if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
+        return int(value.strip())
     raise ConfigError(key, value, "an integer")
 
 

@@ -348,7 +348,7 @@ def test_flush_pending_without_api(tmp_path: Path) -> None:
         client.end_run(client.start_run("a", "b"))
         result = client.flush_pending()
 
-    assert result == (0, 0)
+    assert result == (0, 0, 0)
 
 
 def test_token_never_stored_or_logged(
@@ -391,7 +391,7 @@ def test_data_dir_is_a_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
         assert run_agent(client) == "agent result"
         assert client.get_stats()["index_available"] is False
 
-    assert "cannot open the journal" in caplog.text
+    assert "failed to journal the run_start" in caplog.text
     assert "cannot open the index" in caplog.text
 
 
@@ -461,19 +461,89 @@ def test_full_disk_logged(
     assert "No space left on device" in caplog.text or "cannot open" in caplog.text
 
 
-def test_invalid_environment_disables_client(
+def test_invalid_environment_uses_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An invalid setting in the environment is logged and turns telemetry off."""
+    """An invalid setting in the environment is logged and replaced by its default."""
     monkeypatch.setenv("TELEMETRY_DATA_DIR", str(tmp_path / "store"))
     monkeypatch.setenv("TELEMETRY_DURABILITY", "sometimes")
+    monkeypatch.setenv("TELEMETRY_MAX_RETRIES", "-4")
     client = TelemetryClient()
     assert run_agent(client) == "agent result"
+    stats = client.get_stats()
     client.close()
 
-    assert client.enabled is False
+    assert client.enabled is True
+    assert client.config.durability == "fsync"
+    assert client.config.max_retries == 3
+    assert stats["total_runs"] == 1
     assert "TELEMETRY_DURABILITY" in caplog.text
-    assert not (tmp_path / "store").exists()
+    assert "TELEMETRY_MAX_RETRIES" in caplog.text
+
+
+def test_flush_pending_timeout(tmp_path: Path, api_server: Any) -> None:
+    """flush_pending stops at its timeout and counts the runs it did not try."""
+    settings = {"api_url": api_server.url, "max_retries": 0, "end_run_timeout": 0}
+    with make_client(tmp_path, **settings) as client:
+        for _ in range(3):
+            client.end_run(client.start_run("a", "b"))
+        api_server.hang()
+
+        result = client.flush_pending(timeout=0.3)
+
+    assert result.posted + result.failed + result.remaining == 3
+    assert result.remaining >= 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error"),
+    [({"limit": "3"}, TypeError), ({"limit": 0}, ValueError), ({"timeout": -1}, ValueError)],
+)
+def test_flush_pending_misuse(tmp_path: Path, arguments: dict[str, Any], error: type) -> None:
+    """Invalid flush_pending arguments raise at once."""
+    with make_client(tmp_path) as client, pytest.raises(error):
+        client.flush_pending(**arguments)
+
+
+def test_config_of_wrong_type(tmp_path: Path) -> None:
+    """A dict passed as config raises TypeError saying what to pass."""
+    with pytest.raises(TypeError, match="TelemetryConfig"):
+        TelemetryClient({"data_dir": str(tmp_path)})  # type: ignore[arg-type]
+
+
+def test_payload_conversion_never_raises(tmp_path: Path) -> None:
+    """Payloads whose conversion fails are stored in a fallback form, not raised."""
+
+    class BrokenPath(os.PathLike):  # type: ignore[type-arg]
+        def __fspath__(self) -> str:
+            raise RuntimeError("broken")
+
+    with make_client(tmp_path) as client, client.track_run("a", "b") as run:
+        run.log_event("huge", {"n": 10**5000, 10**5000: "key"})
+        run.log_event("broken", {"path": BrokenPath()})
+        run.set_metrics(metrics_json={"n": 10**5000})
+        lines = journal_lines(client)
+
+    assert lines[1]["payload"]["n"].startswith("0x")
+    assert "BrokenPath" in lines[2]["payload"]["path"]
+
+
+def test_exception_with_broken_str(tmp_path: Path) -> None:
+    """An exception whose __str__ raises still reaches the caller unchanged."""
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    error = Unprintable()
+    with make_client(tmp_path) as client:
+        with pytest.raises(Unprintable) as raised, client.track_run("a", "b") as run:
+            raise error
+        row = index_row(client, run.run_id)
+
+    assert raised.value is error
+    assert row.status == "failed"
+    assert "Unprintable: <str() of the exception raised" in row.error_summary
 
 
 # -- awkward payloads ---------------------------------------------------------------------
