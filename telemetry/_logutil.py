@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
+
+from telemetry.encoding import ConversionIssue
 
 __all__ = ["RepeatLimiter"]
 
@@ -51,4 +53,19 @@ class RepeatLimiter:
                 *args,
                 self._every - 1,
                 exc_info=exc_info,
+            )
+
+    def log_conversions(
+        self, logger: logging.Logger, run_id: object, issues: Iterable[ConversionIssue]
+    ) -> None:
+        """Log a WARNING per value stored in a converted form, naming the run and the field."""
+        for issue in issues:
+            self.log(
+                logger,
+                logging.WARNING,
+                ("convert", issue.path, issue.reason),
+                "run %s: %s: %s",
+                run_id,
+                issue.path,
+                issue.reason,
             )

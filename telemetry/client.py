@@ -536,18 +536,12 @@ class TelemetryClient:
     # -- storage --------------------------------------------------------------------------
 
     def _convert(self, value: Mapping[str, Any], path: str, run_id: str) -> dict[str, Any]:
-        converted, issues = make_jsonable(dict(value), path)
-        for issue in issues:
-            self._repeats.log(
-                logger,
-                logging.WARNING,
-                ("convert", issue.path, issue.reason),
-                "run %s: %s: %s",
-                run_id,
-                issue.path,
-                issue.reason,
-            )
-        return converted  # type: ignore[no-any-return]
+        converted, issues = make_jsonable(value, path)
+        self._repeats.log_conversions(logger, run_id, issues)
+        if not isinstance(converted, dict):
+            # The mapping itself could not be read (its iteration raised): keep its repr().
+            return {"unreadable_mapping": converted}
+        return converted
 
     def _write_journal(self, record_type: str, data: dict[str, Any], run_id: str) -> None:
         journal = self._open_journal()

@@ -287,16 +287,7 @@ class NDJSONWriter:
 
     def _encode_line(self, record_type: str, data: Mapping[str, Any]) -> bytes:
         converted, issues = make_jsonable(data, record_type)
-        for issue in issues:
-            self._repeats.log(
-                logger,
-                logging.WARNING,
-                ("convert", issue.path, issue.reason),
-                "run %s: %s: %s",
-                data.get("run_id"),
-                issue.path,
-                issue.reason,
-            )
+        self._repeats.log_conversions(logger, data.get("run_id"), issues)
 
         # make_jsonable leaves only JSON types, nested at most MAX_DEPTH levels, which
         # orjson always encodes.

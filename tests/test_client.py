@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -661,3 +662,23 @@ def test_fork_while_lock_held(tmp_path: Path) -> None:
     client.close()
 
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_unreadable_mapping_payload(tmp_path: Path) -> None:
+    """A Mapping whose iteration raises is stored as its repr() under a marked key."""
+
+    class Unreadable(Mapping[str, int]):
+        def __getitem__(self, key: str) -> int:
+            raise KeyError(key)
+
+        def __iter__(self) -> Iterator[str]:
+            raise RuntimeError("cannot iterate")
+
+        def __len__(self) -> int:
+            return 1
+
+    with make_client(tmp_path) as client, client.track_run("a", "b") as run:
+        run.log_event("odd", Unreadable())
+        lines = journal_lines(client)
+
+    assert "Unreadable" in lines[1]["payload"]["unreadable_mapping"]
