@@ -1,0 +1,1 @@
+"""A small agent package that the launcher tests run under telemetry-instrument."""
