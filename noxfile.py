@@ -1,6 +1,11 @@
-"""Sessions for contributors and CI: ``nox -s tests lint typecheck``, and ``nox -s demo``."""
+"""Sessions for contributors and CI: ``nox -s tests lint typecheck``.
+
+``nox -s demo`` runs the main job, and ``nox -s bench`` the benchmarks.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nox
 
@@ -37,3 +42,14 @@ def demo(session: nox.Session) -> None:
     session.run("python", "examples/stdlib_audit.py", *session.posargs)
     session.run("telemetry", "runs", "--limit", "5")
     session.run("telemetry", "stats")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run every benchmarks/bench_*.py script and print its table; nothing is asserted.
+
+    Each script takes its own options (rounds, calls); run it directly to pass them.
+    """
+    session.install("-e", ".")
+    for script in sorted(Path("benchmarks").glob("bench_*.py")):
+        session.run("python", str(script))

@@ -41,9 +41,22 @@ def test_telemetry_exports() -> None:
         assert getattr(telemetry, name) is not None
 
 
-def test_instrument_package_imports() -> None:
-    """The instrument package imports and exports nothing yet."""
-    assert instrument.__all__ == []
+INSTRUMENT_EXPORTS = {
+    "current_run",
+    "get_default_client",
+    "install",
+    "set_default_client",
+    "tracked_run",
+    "uninstall",
+    "wrap_entry_point",
+}
+
+
+def test_instrument_exports() -> None:
+    """instrument.__all__ lists the public API, and each name resolves."""
+    assert set(instrument.__all__) == INSTRUMENT_EXPORTS
+    for name in instrument.__all__:
+        assert getattr(instrument, name) is not None
 
 
 def test_import_does_not_load_httpx() -> None:
