@@ -38,7 +38,7 @@ from instrument._client import (
 from telemetry._fields import check_fields, check_text
 from telemetry._logutil import RepeatLimiter
 from telemetry.client import TelemetryClient
-from telemetry.context import RunContext, TrackedRun, _current_run
+from telemetry.context import RunContext, TrackedRun, use_run
 
 __all__ = ["tracked_run", "wrap_entry_point"]
 
@@ -475,23 +475,15 @@ def _step(
     sent: Any,
     thrown: BaseException | None,
 ) -> Any:
-    token = _current_run.set(context) if context is not None else None
-    try:
+    with use_run(context):
         if thrown is not None:
             return generator.throw(thrown)
         return generator.send(sent)
-    finally:
-        if token is not None:
-            _current_run.reset(token)
 
 
 def _close(generator: Generator[Any, Any, Any], context: RunContext | None) -> None:
-    token = _current_run.set(context) if context is not None else None
-    try:
+    with use_run(context):
         generator.close()
-    finally:
-        if token is not None:
-            _current_run.reset(token)
 
 
 def _async_generator_wrapper(spec: _RunSpec) -> _Wrapper:
@@ -554,23 +546,15 @@ async def _async_step(
     sent: Any,
     thrown: BaseException | None,
 ) -> Any:
-    token = _current_run.set(context) if context is not None else None
-    try:
+    with use_run(context):
         if thrown is not None:
             return await generator.athrow(thrown)
         return await generator.asend(sent)
-    finally:
-        if token is not None:
-            _current_run.reset(token)
 
 
 async def _async_close(generator: AsyncGenerator[Any, Any], context: RunContext | None) -> None:
-    token = _current_run.set(context) if context is not None else None
-    try:
+    with use_run(context):
         await generator.aclose()
-    finally:
-        if token is not None:
-            _current_run.reset(token)
 
 
 _WRAPPER_FACTORIES: dict[str, Callable[[_RunSpec], _Wrapper]] = {

@@ -7,7 +7,7 @@ import contextlib
 import contextvars
 import logging
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +16,7 @@ from telemetry._fields import check_fields, check_final_status
 if TYPE_CHECKING:
     from telemetry.client import TelemetryClient
 
-__all__ = ["RunContext", "TrackedRun", "classify_exit", "current_run"]
+__all__ = ["RunContext", "TrackedRun", "classify_exit", "current_run", "use_run"]
 
 logger = logging.getLogger("telemetry.client")
 
@@ -37,6 +37,23 @@ def current_run() -> RunContext | None:
     ``contextvars.copy_context().run`` to pass the run on.
     """
     return _current_run.get()
+
+
+@contextlib.contextmanager
+def use_run(context: RunContext | None) -> Iterator[None]:
+    """Make ``context`` the current run inside the block; None leaves the current run as is.
+
+    For code that resumes a run's work piece by piece, such as a generator driven step by
+    step, so that current_run() is the run only while the run's own code executes.
+    """
+    if context is None:
+        yield
+        return
+    token = _current_run.set(context)
+    try:
+        yield
+    finally:
+        _current_run.reset(token)
 
 
 class RunContext:
