@@ -10,6 +10,7 @@ into the agent. Misuse of the API, such as an unknown field or a wrong type, rai
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import datetime
 import logging
@@ -111,6 +112,7 @@ class TelemetryClient:
         self._api = APIClient(config)
         self._repeats = RepeatLimiter()
         self._closed = False
+        self._background_posts: set[asyncio.Task[None]] = set()
         _register_exit_hook(self)
 
     # -- public API ---------------------------------------------------------------------
@@ -468,19 +470,36 @@ class TelemetryClient:
     async def _end_run_async(
         self, run_id: str, status: str, fields: dict[str, Any]
     ) -> RunRecord | None:
-        """End a run as end_run does, posting it without blocking the event loop."""
+        """End a run as end_run does, and post it in a task of the running event loop.
+
+        The caller does not wait for the post, so a slow API cannot delay the agent's
+        coroutine, nor can a cancellation of the caller land inside the post. A post still
+        in flight when the loop stops is cancelled, and the run stays pending.
+        """
         record = self._finish_run(run_id, status, fields)
         if record is None or not self._api.enabled or self._config.end_run_timeout <= 0:
             return record
+        task = asyncio.get_running_loop().create_task(self._post_in_background(record))
+        # The event loop keeps only weak references to tasks.
+        self._background_posts.add(task)
+        task.add_done_callback(self._background_posts.discard)
+        return record
+
+    async def _post_in_background(self, record: RunRecord) -> None:
         deadline = time.monotonic() + self._config.end_run_timeout
         payload = APIPayload.from_run_record(record)
         try:
             result: PostResult | None = await self._api.post_run_async(payload, deadline=deadline)
+        except asyncio.CancelledError:
+            logger.warning(
+                "the post of run %s was cancelled with its event loop; it stays pending",
+                record.run_id,
+            )
+            raise
         except Exception as exc:
-            logger.error("failed to post run %s: %s", run_id, _describe(exc))
+            logger.error("failed to post run %s: %s", record.run_id, _describe(exc))
             result = None
         self._store_post_result(self._open_index(), record, result)
-        return record
 
     def _store_post_result(
         self, index: DatabaseWriter | None, record: RunRecord, result: PostResult | None

@@ -682,3 +682,21 @@ def test_unreadable_mapping_payload(tmp_path: Path) -> None:
         lines = journal_lines(client)
 
     assert "Unreadable" in lines[1]["payload"]["unreadable_mapping"]
+
+
+def test_async_end_does_not_wait_for_api(tmp_path: Path, api_server: Any) -> None:
+    """A slow API does not delay a tracked coroutine: wait_for gets the block's result."""
+    api_server.slow(5.0, status=200)
+    client = make_client(tmp_path, api_url=api_server.url, end_run_timeout=10.0)
+
+    async def agent() -> str:
+        async with client.track_run("async-agent", "b"):
+            await asyncio.sleep(0)
+        return "result"
+
+    async def main() -> str:
+        return await asyncio.wait_for(agent(), timeout=2.0)
+
+    assert asyncio.run(main()) == "result"
+    assert client.get_stats()["by_status"]["success"] == 1
+    client.close()
