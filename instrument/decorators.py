@@ -24,6 +24,7 @@ import inspect
 import logging
 import os
 import pickle
+import weakref
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, SupportsIndex, TypeVar, overload
@@ -376,8 +377,10 @@ def _function_wrapper(spec: _RunSpec) -> _Wrapper:
             _exit(spec, tracked, error)
             raise
 
-        _record_result(spec, context, result)
-        _exit(spec, tracked, None)
+        interrupt = _record_result(spec, context, result)
+        _exit(spec, tracked, interrupt)
+        if interrupt is not None:
+            raise interrupt
         return result
 
     return wrapper
@@ -390,7 +393,11 @@ def _coroutine_wrapper(spec: _RunSpec) -> _Wrapper:
         # Called here, not inside the driver, so that wrong arguments raise at the call
         # as they do without the decorator.
         coroutine = wrapped(*args, **kwargs)
-        return _named_like(_await_tracked(coroutine, spec.resolve_client(), spec), coroutine)
+        driver = _named_like(_await_tracked(coroutine, spec.resolve_client(), spec), coroutine)
+        # A driver closed or dropped before its first step never awaits the coroutine;
+        # closing it then keeps Python from warning that it was never awaited.
+        weakref.finalize(driver, coroutine.close)
+        return driver
 
     return wrapper
 
@@ -407,8 +414,10 @@ async def _await_tracked(coroutine: Any, client: TelemetryClient, spec: _RunSpec
         await _async_exit(spec, tracked, error)
         raise
 
-    _record_result(spec, context, result)
-    await _async_exit(spec, tracked, None)
+    interrupt = _record_result(spec, context, result)
+    await _async_exit(spec, tracked, interrupt)
+    if interrupt is not None:
+        raise interrupt
     return result
 
 
@@ -442,8 +451,10 @@ def _drive_generator(
             item = _step(generator, context, sent, thrown)
         except StopIteration as stop:
             if tracked is not None and context is not None:
-                _record_result(spec, context, stop.value)
-                _exit(spec, tracked, None)
+                interrupt = _record_result(spec, context, stop.value)
+                _exit(spec, tracked, interrupt)
+                if interrupt is not None:
+                    raise interrupt from None
             return stop.value
         except BaseException as error:
             if tracked is not None:
@@ -624,8 +635,12 @@ async def _async_exit(spec: _RunSpec, tracked: TrackedRun, error: BaseException 
         _log_fault(spec, exc, "end", "The run stays open")
 
 
-def _record_result(spec: _RunSpec, context: RunContext, result: Any) -> None:
-    """Apply the result rules of ``spec`` to the run: exit code or result_metrics."""
+def _record_result(spec: _RunSpec, context: RunContext, result: Any) -> BaseException | None:
+    """Apply the result rules of ``spec`` to the run: exit code or result_metrics.
+
+    An Exception from result_metrics is logged. A KeyboardInterrupt or SystemExit is
+    returned instead, for the caller to end the run with it and then raise it.
+    """
     try:
         if spec.entry_point:
             _record_exit_code(context, result)
@@ -634,6 +649,9 @@ def _record_result(spec: _RunSpec, context: RunContext, result: Any) -> None:
     except Exception as exc:
         action = "record the exit code in" if spec.entry_point else "apply result_metrics to"
         _log_fault(spec, exc, action, "The run ends without those fields")
+    except BaseException as interrupt:
+        return interrupt
+    return None
 
 
 def _record_exit_code(context: RunContext, result: Any) -> None:

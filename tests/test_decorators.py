@@ -1456,3 +1456,19 @@ def test_set_default_client_type(clean_environment: None) -> None:
     """set_default_client rejects what is not a TelemetryClient."""
     with pytest.raises(TypeError, match="expects a TelemetryClient or None"):
         set_default_client("client")  # type: ignore[arg-type]
+
+
+def test_result_metrics_interrupt_ends_run(client: TelemetryClient) -> None:
+    """A KeyboardInterrupt from result_metrics ends the run as cancelled, then propagates."""
+
+    def interrupt(result: object) -> dict[str, Any]:
+        raise KeyboardInterrupt
+
+    @tracked_run(agent_name="interrupted", client=client, result_metrics=interrupt)
+    def job() -> int:
+        return 1
+
+    with pytest.raises(KeyboardInterrupt):
+        job()
+    [run] = stored_runs(client)
+    assert run.status == "cancelled"
