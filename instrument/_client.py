@@ -28,8 +28,8 @@ _default_client_lock = threading.Lock()
 def get_default_client() -> TelemetryClient:
     """Return the default client, creating it from the environment on the first call.
 
-    Thread-safe: concurrent first calls create one client. An invalid environment leaves
-    the client disabled with an error logged, as ``TelemetryClient()`` does. If creating
+    Thread-safe: concurrent first calls create one client. An invalid setting in the
+    environment is logged and replaced by its default, as ``TelemetryClient()`` does. If creating
     the client raises, the error is logged and a disabled client takes its place, so that
     the call of a decorated function that needs the client goes on.
     """
@@ -87,8 +87,8 @@ def peek_default_client_disabled() -> bool:
     """Return whether the default client is disabled, or would be created disabled.
 
     Before the default client exists, only ``TELEMETRY_ENABLED`` is read, and the client
-    is not created. An invalid value counts as enabled here: the client created on the
-    first call logs the error and turns itself off.
+    is not created. An invalid value counts as enabled here, as it does for the client
+    created on the first call, which logs the error and uses the default.
     """
     client = _default_client
     if client is not None:

@@ -151,11 +151,17 @@ def _specs_from_packages(group: str) -> list[EntryPointSpec]:
         distribution = getattr(entry_point, "dist", None)
         source = f"entry point {entry_point.name!r} of {getattr(distribution, 'name', '?')}"
         try:
+            # EntryPoint.module raises AttributeError on a value that is not module:attr.
             specs.append(
                 EntryPointSpec(entry_point.module, entry_point.attr or "", entry_point.name, source)
             )
-        except ValueError as exc:
-            logger.error("%s (value %r); the entry point is skipped", exc, entry_point.value)
+        except (ValueError, AttributeError) as exc:
+            logger.error(
+                "%s: invalid value %r (%s); expected module:qualname, the entry point is skipped",
+                source,
+                entry_point.value,
+                exc,
+            )
     return specs
 
 

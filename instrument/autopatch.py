@@ -265,7 +265,10 @@ def _patch_attribute(patch: _Patch, module: ModuleType, imported_before: bool) -
     if wrapper is original:
         return  # telemetry is disabled and the decorator left the function as it is
     setattr(owner, attribute, wrapper)
-    patch.aliases = _rebind_aliases(original, wrapper)
+    if isinstance(owner, ModuleType):
+        # Only module-level functions: a global that holds a method may be a base class's
+        # method, whose calls a spec naming a subclass must not record.
+        patch.aliases = _rebind_aliases(original, wrapper)
 
 
 _MISSING: Any = object()

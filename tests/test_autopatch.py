@@ -497,6 +497,28 @@ def test_alias_rebound_in_loaded_module(
     assert runner.start is original
 
 
+def test_base_method_alias_not_rebound(write_module: ModuleWriter, client: TelemetryClient) -> None:
+    """A global holding an inherited method is left alone: base-class calls record nothing."""
+    source = """
+        class Importer:
+            def run(self):
+                return "ran"
+
+        class Nightly(Importer):
+            pass
+
+        base_run = Importer.run
+    """
+    entry = importlib.import_module(write_module("jobs", source))
+
+    install([f"{entry.__name__}:Nightly.run"], client=client)
+
+    assert entry.base_run(entry.Importer()) == "ran"
+    assert recorded_runs(client) == []
+    assert entry.Nightly().run() == "ran"
+    assert len(recorded_runs(client)) == 1
+
+
 def test_alias_replaced_since_left_alone(
     write_module: ModuleWriter, client: TelemetryClient
 ) -> None:
@@ -686,3 +708,23 @@ def test_auto_installs_from_environment(
         set_default_client(None)
 
     assert [run.agent_name for run in recorded_runs(client)] == ["from-env"]
+
+
+def test_malformed_package_entry_point_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A package entry point whose value is not module:qualname is logged and skipped."""
+    dist_info = tmp_path / "site" / "broken_agents-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: broken-agents\nVersion: 1.0\n"
+    )
+    (dist_info / "entry_points.txt").write_text(
+        "[agent_telemetry.entry_points]\nbad one = not a spec\ngood = json:dumps\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+
+    specs = configured_entry_points(environ={})
+
+    assert [spec.target for spec in specs if spec.module == "json"] == ["json:dumps"]
+    assert "not a spec" in caplog.text
