@@ -146,7 +146,16 @@ def _show_stats(
     if not stats["by_agent"]:
         return EXIT_OK
     print(file=out)
-    header = ("AGENT", "RUNS", "SUCCESS", "FAILED", "RUNNING", "SUCCESS RATE", "AVG DURATION")
+    header = (
+        "AGENT",
+        "RUNS",
+        "SUCCESS",
+        "PARTIAL",
+        "FAILED",
+        "RUNNING",
+        "SUCCESS RATE",
+        "AVG DURATION",
+    )
     rows = []
     for agent, counts in sorted(stats["by_agent"].items()):
         finished = counts["runs"] - counts["running"]
@@ -157,6 +166,7 @@ def _show_stats(
                 agent,
                 str(counts["runs"]),
                 str(counts["success"]),
+                str(counts["partial"]),
                 str(counts["failed"]),
                 str(counts["running"]),
                 rate,

@@ -495,8 +495,9 @@ class DatabaseWriter:
         - ``by_status``: the count per status, with every status of models.STATUSES,
           including those with 0 runs.
         - ``pending_api_posts``: runs that get_pending_api_posts(limit=None) would return.
-        - ``by_agent``: per agent name, the counts ``runs``, ``success``, ``failed`` and
-          ``running``, and ``avg_duration_ms``, which is None when no run has a duration.
+        - ``by_agent``: per agent name, the counts ``runs``, ``success``, ``failed``,
+          ``partial`` and ``running``, and ``avg_duration_ms``, which is None when no run
+          has a duration.
         """
         connection = self._connection()
         # One read transaction, so that every number comes from the same WAL snapshot.
@@ -511,7 +512,8 @@ class DatabaseWriter:
                 ).fetchone()
                 agent_rows = connection.execute(
                     "SELECT agent_name, COUNT(*), SUM(status = 'success'), "
-                    "SUM(status = 'failed'), SUM(status = 'running'), AVG(duration_ms) "
+                    "SUM(status = 'failed'), SUM(status = 'partial'), SUM(status = 'running'), "
+                    "AVG(duration_ms) "
                     f"FROM {TABLE} GROUP BY agent_name ORDER BY agent_name"
                 ).fetchall()
             finally:
@@ -524,10 +526,11 @@ class DatabaseWriter:
                 "runs": runs,
                 "success": success,
                 "failed": failed,
+                "partial": partial,
                 "running": running,
                 "avg_duration_ms": None if average is None else float(average),
             }
-            for name, runs, success, failed, running, average in agent_rows
+            for name, runs, success, failed, partial, running, average in agent_rows
         }
         return {
             "total_runs": sum(by_status.values()),

@@ -538,6 +538,7 @@ def test_run_stats_values(writer: DatabaseWriter) -> None:
         "runs": 3,
         "success": 1,
         "failed": 1,
+        "partial": 0,
         "running": 1,
         "avg_duration_ms": 200.0,
     }
