@@ -15,8 +15,8 @@ class RepeatLimiter:
     """Let through the first ``burst`` messages per key, then every ``every``-th one.
 
     A fault that repeats on every call, such as a full disk, would otherwise write one log
-    line per run or event. The lines let through after the burst say how many were held
-    back in between.
+    line per run or event. Each line let through after the burst states how many were
+    held back since the previous one.
     """
 
     # Keys are often field paths, which vary without bound; past this many the counts

@@ -70,7 +70,7 @@ class ConversionIssue(NamedTuple):
     """One value that was stored in a converted form."""
 
     path: str
-    """Where the value sits, such as ``payload.items[3]`` or ``payload.<key 2>``."""
+    """The location of the value, such as ``payload.items[3]`` or ``payload.<key 2>``."""
     reason: str
     """What was converted and into what, such as ``float nan stored as "NaN"``."""
 

@@ -302,7 +302,8 @@ class APIPayload(_Record):
     """The body of a run posted to the API.
 
     It has the run's fields except the sync state (api_*) and the index's bookkeeping
-    (created_at, updated_at); schema_version is kept so that a server can tell layouts apart.
+    (created_at, updated_at). It keeps schema_version, so that a server can tell layouts
+    apart.
     """
 
     run_id: str
