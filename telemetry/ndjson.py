@@ -305,7 +305,14 @@ class NDJSONWriter:
             fd = self._file_for_date(date)
 
             _lock_file(fd)
-            if not _is_linked_at(fd, self.file_path(date)):
+            try:
+                linked = _is_linked_at(fd, self.file_path(date))
+            except BaseException:
+                # The file lock must never outlive a failed append, or every other writer
+                # of this file would wait for it forever.
+                _unlock_file(fd)
+                raise
+            if not linked:
                 fd = self._reopen_replaced_file(fd, date)
             try:
                 torn = _ends_with_torn_line(fd)

@@ -837,3 +837,34 @@ def test_replaced_file_reopened(tmp_path: Path) -> None:
     writer.close()
 
     assert [line["payload"]["n"] for line in NDJSONWriter(tmp_path).read_file(DATE)] == [1, 2]
+
+
+def test_failed_append_releases_lock(tmp_path: Path) -> None:
+    """An append that fails after taking the file lock releases it for other writers."""
+    directory = tmp_path / "journal"
+    first = NDJSONWriter(directory, durability="none")
+    second = NDJSONWriter(directory, durability="none")
+    first.append("event", event(n=1))
+    second.append("event", event(n=2))
+    moved = tmp_path / "moved"
+    directory.rename(moved)
+    directory.write_text("a file where the journal directory was")
+
+    with pytest.raises(NotADirectoryError):
+        first.append("event", event(n=3))
+    outcome: list[BaseException] = []
+    appender = threading.Thread(target=lambda: _append_capturing(second, outcome))
+    appender.start()
+    appender.join(timeout=30)
+
+    assert not appender.is_alive()
+    assert isinstance(outcome[0], OSError)
+    first.close()
+    second.close()
+
+
+def _append_capturing(writer: NDJSONWriter, outcome: list[BaseException]) -> None:
+    try:
+        writer.append("event", event(n=4))
+    except BaseException as exc:
+        outcome.append(exc)
