@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,9 @@ REOPEN_AFTER_SECONDS = 30.0
 AUTO_RETRY_BASE_SECONDS = 30.0
 AUTO_RETRY_MAX_SECONDS = 3600.0
 AUTO_RETRY_RUNS_PER_END = 3
+
+# How many ids of runs ended by this client are kept to recognise a second end_run.
+ENDED_RUNS_REMEMBERED = 10_000
 
 
 class FlushResult(NamedTuple):
@@ -106,6 +110,7 @@ class TelemetryClient:
         self._config = config
         self._lock = threading.RLock()
         self._active: dict[str, _ActiveRun] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
         self._journal: NDJSONWriter | None = None
         self._index: DatabaseWriter | None = None
         self._failed_at: dict[str, float] = {}
@@ -344,11 +349,22 @@ class TelemetryClient:
         return FlushResult(posted, failed, remaining)
 
     def close(self) -> None:
-        """Flush the journal and close the index and the HTTP connections.
+        """End the runs still open as abandoned, flush the journal, and close everything.
 
-        Runs that are still open stay ``running`` in the index; at interpreter exit they
-        are ended as ``abandoned`` instead. Idempotent; faults are logged.
+        The interpreter's exit calls it for every client. After close, calls are accepted
+        but record nothing, with a warning. Idempotent; faults are logged.
         """
+        with self._lock:
+            if self._closed:
+                return
+        self._abandon_open_runs()
+        unfinished_posts = [task for task in self._background_posts if not task.done()]
+        if unfinished_posts:
+            logger.warning(
+                "closing with %d API posts still in flight; those runs stay pending for "
+                "flush_pending()",
+                len(unfinished_posts),
+            )
         with self._lock:
             if self._closed:
                 return
@@ -384,6 +400,12 @@ class TelemetryClient:
 
         with self._lock:
             active = self._active.pop(run_id, None)
+            ended_here = run_id in self._ended
+            if active is not None:
+                self._remember_ended(run_id)
+        if ended_here:
+            logger.warning("end_run: run %s has already ended; nothing changed", run_id)
+            return None
         now = get_iso8601_timestamp()
         if active is not None:
             record = active.record
@@ -406,6 +428,13 @@ class TelemetryClient:
         if index is not None:
             self._guard("index the end of", run_id, self._store_end, index, record)
         return record
+
+    def _remember_ended(self, run_id: str) -> None:
+        # Called with self._lock held. A second end_run of a run whose first end_run is
+        # still writing would otherwise find the index row still running and end it again.
+        self._ended[run_id] = None
+        if len(self._ended) > ENDED_RUNS_REMEMBERED:
+            self._ended.popitem(last=False)
 
     def _find_run(self, run_id: str) -> RunRecord | None:
         index = self._open_index()
@@ -479,7 +508,13 @@ class TelemetryClient:
         record = self._finish_run(run_id, status, fields)
         if record is None or not self._api.enabled or self._config.end_run_timeout <= 0:
             return record
-        task = asyncio.get_running_loop().create_task(self._post_in_background(record))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            # Driven by another event loop library, or by hand: post within the bound.
+            self._post_ended_run(record)
+            return record
+        task = loop.create_task(self._post_in_background(record))
         # The event loop keeps only weak references to tasks.
         self._background_posts.add(task)
         task.add_done_callback(self._background_posts.discard)
@@ -590,7 +625,16 @@ class TelemetryClient:
             return self._index
 
     def _may_open(self, component: str) -> bool:
-        if self._closed or not self._config.enabled:
+        if self._closed:
+            self._repeats.log(
+                logger,
+                logging.WARNING,
+                "closed",
+                "the telemetry client is closed, so this record is dropped; create a new "
+                "TelemetryClient to record more runs",
+            )
+            return False
+        if not self._config.enabled:
             return False
         failed_at = self._failed_at.get(component)
         return failed_at is None or time.monotonic() - failed_at >= REOPEN_AFTER_SECONDS
@@ -642,14 +686,21 @@ class TelemetryClient:
     def _abandon_open_runs(self) -> None:
         with self._lock:
             open_runs = list(self._active)
+        index = self._open_index() if open_runs else None
         for run_id in open_runs:
+            stored = self._guard("look up", run_id, index.get_run, run_id) if index else None
+            if stored is not None and stored.is_final:
+                # Ended by another client or process: nothing is left to record here.
+                with self._lock:
+                    self._active.pop(run_id, None)
+                continue
             logger.warning(
-                "run %s was still open at interpreter exit; ending it as abandoned", run_id
+                "run %s was still open when its client closed; ending it as abandoned", run_id
             )
             self._finish_run(
                 run_id,
                 "abandoned",
-                {"error_summary": "the process exited before end_run was called"},
+                {"error_summary": "the client closed, or the process exited, before end_run"},
             )
 
 
@@ -725,12 +776,15 @@ def _reset_locks_in_child() -> None:
     for client in list(_live_clients):
         client._lock = threading.RLock()
         client._repeats = RepeatLimiter()
+        # The parent's open runs are the parent's to end: the child's exit hook must not
+        # end them as abandoned.
+        client._active = {}
+        client._ended.clear()
 
 
 def _close_live_clients() -> None:
     for client in list(_live_clients):
         try:
-            client._abandon_open_runs()
             client.close()
         except Exception:
             logger.exception("failed to close a telemetry client at exit")
