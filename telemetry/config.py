@@ -24,6 +24,7 @@ __all__ = [
     "ConfigSource",
     "TelemetryConfig",
     "default_data_dir",
+    "mask_url_password",
     "parse_bool",
 ]
 
@@ -52,6 +53,19 @@ def parse_bool(text: str, key: str) -> bool:
         return False
     expected = f"one of {', '.join(sorted(TRUE_WORDS))} or {', '.join(sorted(FALSE_WORDS))}"
     raise ConfigError(key, text, expected)
+
+
+def mask_url_password(url: str) -> str:
+    """Return ``url`` with the password of its user information, if any, replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    netloc = parts.netloc.replace(f":{password}@", f":{MASK}@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -321,8 +335,7 @@ class TelemetryConfig:
     def _fail(self, name: str, expected: str) -> None:
         setting = _BY_NAME[name]
         key = setting.env_key if self.sources[name] == "environment" else name
-        value = MASK if setting.secret else getattr(self, name)
-        raise ConfigError(key, value, expected)
+        raise ConfigError(key, self._shown_value(setting), expected)
 
     @property
     def api_configured(self) -> bool:
@@ -330,12 +343,25 @@ class TelemetryConfig:
         return self.api_enabled and self.api_url is not None
 
     def describe(self) -> Iterator[tuple[str, str, object, ConfigSource]]:
-        """Yield (name, environment variable, value, source) per setting, the token masked."""
+        """Yield (name, environment variable, value, source) per setting.
+
+        The token and any password in api_url are masked.
+        """
         for setting in _SETTINGS:
-            value = getattr(self, setting.name)
-            if setting.secret and value is not None:
-                value = MASK
-            yield setting.name, setting.env_key, value, self.sources[setting.name]
+            yield (
+                setting.name,
+                setting.env_key,
+                self._shown_value(setting),
+                self.sources[setting.name],
+            )
+
+    def _shown_value(self, setting: _Setting) -> object:
+        value = getattr(self, setting.name)
+        if setting.secret and value is not None:
+            return MASK
+        if setting.name == "api_url" and value is not None:
+            return mask_url_password(value)
+        return value
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={value!r}" for name, _, value, _ in self.describe())

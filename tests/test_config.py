@@ -575,3 +575,17 @@ def test_config_error_attributes() -> None:
     assert error.value == "soon"
     assert error.expected == "a number of seconds"
     assert str(error) == "invalid TELEMETRY_TIMEOUT='soon': expected a number of seconds"
+
+
+def test_url_password_masked() -> None:
+    """A password in api_url is masked in repr, describe() and ConfigError messages."""
+    config = TelemetryConfig(api_url="http://bob:hunter2secret@127.0.0.1/runs", environ={})
+    invalid = TelemetryConfig(api_url="ftp://bob:hunter2secret@127.0.0.1/runs", environ={})
+
+    with pytest.raises(ConfigError) as caught:
+        invalid.validate()
+
+    assert "hunter2secret" not in repr(config)
+    assert "hunter2secret" not in str(list(config.describe()))
+    assert "hunter2secret" not in str(caught.value)
+    assert "bob:***@127.0.0.1" in repr(config)
