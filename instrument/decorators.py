@@ -52,6 +52,9 @@ ResultMetrics = Callable[[Any], Mapping[str, Any]]
 
 _repeats = RepeatLimiter()
 
+# The longest part of a returned message that an entry point's error_summary keeps.
+EXIT_MESSAGE_CHARS = 200
+
 
 def _reset_repeats_in_child() -> None:
     # A fork while another thread logs a fault would leave the limiter's lock held
@@ -173,8 +176,9 @@ def wrap_entry_point(
     The wrapper is the one of tracked_run, except for the return value. Console scripts
     run ``sys.exit(main())``, so a non-zero int that the function returns is the process's
     exit code, and the run ends as failed with error_summary ``"exit code N"``. ``True``
-    counts as 1, as it does for ``sys.exit``. Any other return value, 0, False and None
-    included, is success.
+    counts as 1, as it does for ``sys.exit``. Any other value that is not None, such as a
+    message string, is failed with ``"exit code 1: <message>"``, because sys.exit prints it
+    and exits with 1. None, 0 and False are success.
     ``SystemExit`` follows the rules of track_run: code 0 or None is success, any other
     code failed.
 
@@ -655,9 +659,19 @@ def _record_result(spec: _RunSpec, context: RunContext, result: Any) -> BaseExce
 
 
 def _record_exit_code(context: RunContext, result: Any) -> None:
-    if isinstance(result, int) and result != 0:
-        context.set_status("failed")
+    # The status sys.exit(result) would give: None and 0 succeed, another int is the exit
+    # code, and any other value is printed to stderr with exit code 1.
+    if result is None or (isinstance(result, int) and result == 0):
+        return
+    context.set_status("failed")
+    if isinstance(result, int):
         context.set_metrics(error_summary=f"exit code {int(result)}")
+        return
+    try:
+        text = str(result)
+    except Exception:
+        text = f"<{type(result).__name__} whose str() raised>"
+    context.set_metrics(error_summary=f"exit code 1: {text[:EXIT_MESSAGE_CHARS]}")
 
 
 def _log_fault(spec: _RunSpec, exc: Exception, action: str, consequence: str) -> None:

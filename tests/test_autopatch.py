@@ -86,7 +86,7 @@ def error_messages(caplog: pytest.LogCaptureFixture, level: int = logging.ERROR)
 
 MAIN_SOURCE = """
     def main(argv=None):
-        return "done"
+        return 0
 """
 
 
@@ -238,7 +238,7 @@ def test_install_imported_module(write_module: ModuleWriter, client: TelemetryCl
 
     assert module.main is not original
     assert module.main.__wrapped__ is original
-    assert module.main() == "done"
+    assert module.main() == 0
     runs = recorded_runs(client)
     assert len(runs) == 1
     assert runs[0].agent_name == "importer"

@@ -1362,7 +1362,7 @@ def test_client_start_fault_error_unchanged(
         (-1, "failed", "exit code -1"),
         (True, "failed", "exit code 1"),
         (False, "success", None),
-        ("done", "success", None),
+        ("config file missing", "failed", "exit code 1: config file missing"),
     ],
     ids=repr,
 )
