@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -154,6 +155,18 @@ class _Patch:
 
 
 _lock = threading.RLock()
+
+
+def _reset_lock_in_child() -> None:
+    # A fork while a hook in another thread holds the lock would leave it held forever in
+    # the child, which then hangs in its next hook or in the report at exit.
+    global _lock
+    _lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_lock_in_child)
+
 _patches: dict[str, _Patch] = {}  # by target, module:qualname
 _hooked_modules: set[str] = set()  # modules with a hook that wrapt has not called yet
 _reported: set[tuple[str, str]] = set()  # (target, reason) already logged in this process
@@ -253,15 +266,24 @@ def _patch_attribute(patch: _Patch, module: ModuleType, imported_before: bool) -
     if not (callable(original) or isinstance(original, (classmethod, staticmethod))):
         raise _SkipEntryPoint(f"{spec.qualname} is a {type(original).__name__}, not callable")
 
+    patch.owner = owner
+    patch.attribute = attribute
+    patch.owned_before = owned_before
+    shared = _patch_with_wrapper(original, patch)
+    if shared is not None:
+        # The attribute already holds another entry point's wrapper, as when a package
+        # re-exports its module's main: each call is recorded once, under that entry
+        # point, and uninstall() restores this attribute to the function as well.
+        patch.original = shared.original
+        patch.wrapper = shared.wrapper
+        return
+
     wrap_entry_point = _load_wrap_entry_point()
     wrapper = wrap_entry_point(
         original, agent_name=spec.run_agent_name, job_type=spec.module, client=patch.client
     )
-    patch.owner = owner
-    patch.attribute = attribute
     patch.original = original
     patch.wrapper = wrapper
-    patch.owned_before = owned_before
     if wrapper is original:
         return  # telemetry is disabled and the decorator left the function as it is
     setattr(owner, attribute, wrapper)
@@ -272,6 +294,14 @@ def _patch_attribute(patch: _Patch, module: ModuleType, imported_before: bool) -
 
 
 _MISSING: Any = object()
+
+
+def _patch_with_wrapper(value: Any, patch: _Patch) -> _Patch | None:
+    """Return the installed patch, other than ``patch``, whose wrapper is ``value``."""
+    for other in _patches.values():
+        if other is not patch and other.wrapper is value and other.wrapper is not other.original:
+            return other
+    return None
 
 
 def _lookup_raw(owner: Any, attribute: str) -> tuple[Any, bool]:

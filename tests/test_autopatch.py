@@ -728,3 +728,22 @@ def test_malformed_package_entry_point_skipped(
 
     assert [spec.target for spec in specs if spec.module == "json"] == ["json:dumps"]
     assert "not a spec" in caplog.text
+
+
+@pytest.mark.parametrize("facade_first", [True, False])
+def test_reexported_entry_point_recorded_once(
+    write_module: ModuleWriter, client: TelemetryClient, facade_first: bool
+) -> None:
+    """An entry point re-exported by another module is wrapped once and fully restored."""
+    cli = importlib.import_module(write_module("cli", MAIN_SOURCE))
+    original = cli.main
+    facade = importlib.import_module(write_module("facade", f"from {cli.__name__} import main\n"))
+    specs = [f"{facade.__name__}:main=via-facade", f"{cli.__name__}:main=via-cli"]
+
+    install(specs if facade_first else specs[::-1], client=client)
+    facade.main()
+
+    assert len(recorded_runs(client)) == 1
+    uninstall()
+    assert facade.main is original
+    assert cli.main is original
