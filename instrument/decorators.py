@@ -24,8 +24,9 @@ import inspect
 import logging
 import os
 import pickle
+import sys
 import weakref
-from collections.abc import AsyncGenerator, Callable, Generator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, SupportsIndex, TypeVar, overload
 
@@ -563,13 +564,29 @@ async def _async_step(
 ) -> Any:
     with use_run(context):
         if thrown is not None:
-            return await generator.athrow(thrown)
-        return await generator.asend(sent)
+            return await _unhooked(lambda: generator.athrow(thrown))
+        return await _unhooked(lambda: generator.asend(sent))
 
 
 async def _async_close(generator: AsyncGenerator[Any, Any], context: RunContext | None) -> None:
     with use_run(context):
-        await generator.aclose()
+        await _unhooked(generator.aclose)
+
+
+def _unhooked(start: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
+    """Call ``start`` with the thread's async generator hooks switched off.
+
+    The first asend, athrow or aclose of an async generator registers it with the event
+    loop's hooks. Only the driver must be registered, because at shutdown the loop closes
+    every registered generator at once, and closing the inner one beside the driver's own
+    aclose of it fails with "already running".
+    """
+    hooks = sys.get_asyncgen_hooks()
+    sys.set_asyncgen_hooks(firstiter=None, finalizer=None)
+    try:
+        return start()
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
 
 
 _WRAPPER_FACTORIES: dict[str, Callable[[_RunSpec], _Wrapper]] = {

@@ -1472,3 +1472,34 @@ def test_result_metrics_interrupt_ends_run(client: TelemetryClient) -> None:
         job()
     [run] = stored_runs(client)
     assert run.status == "cancelled"
+
+
+def test_async_generator_open_at_loop_shutdown(
+    client: TelemetryClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An async generator left open when asyncio.run ends is closed once: run cancelled."""
+    cleanups: list[str] = []
+
+    @tracked_run(agent_name="ticks", client=client)
+    async def ticks() -> AsyncGenerator[int, None]:
+        try:
+            for number in range(10):
+                yield number
+        finally:
+            await asyncio.sleep(0)
+            cleanups.append("done")
+
+    kept: list[Any] = []
+
+    async def main() -> None:
+        generator = ticks()
+        kept.append(generator)
+        async for _ in generator:
+            break
+
+    asyncio.run(main())
+    [run] = stored_runs(client)
+
+    assert cleanups == ["done"]
+    assert run.status == "cancelled"
+    assert "already running" not in caplog.text
