@@ -11,6 +11,7 @@ startup, before it imports any module of its own.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -138,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     entries, command = parsed
     env = build_environment(entries, os.environ)
+    _restore_default_signals()
     try:
         os.execvpe(command[0], command, env)
     except FileNotFoundError:
@@ -146,6 +148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"{PROG}: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
         return EXIT_NOT_EXECUTABLE
+
+
+def _restore_default_signals() -> None:
+    # Python ignores SIGPIPE and SIGXFSZ at startup, and exec keeps ignored signals, so the
+    # command would inherit them. subprocess resets them for the same reason.
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            signal.signal(number, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

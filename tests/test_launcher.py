@@ -204,6 +204,19 @@ def test_signal_is_program_own(tmp_path: Path) -> None:
     assert launched.returncode == -signal.SIGTERM
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_command_signals_not_ignored(tmp_path: Path) -> None:
+    """The command starts with SIGPIPE and SIGXFSZ at their defaults, not ignored by Python."""
+    env = clean_environment(tmp_path / "store")
+
+    launched = launch(["sh", "-c", "grep SigIgn /proc/self/status"], env)
+    ignored = int(launched.stdout.split()[1], 16)
+
+    assert launched.returncode == 0, launched.stderr
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
+    assert not ignored & (1 << (signal.SIGXFSZ - 1))
+
+
 # -- a third-party click tool ----------------------------------------------------------------
 
 
