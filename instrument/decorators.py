@@ -401,7 +401,9 @@ def _coroutine_wrapper(spec: _RunSpec) -> _Wrapper:
         driver = _named_like(_await_tracked(coroutine, spec.resolve_client(), spec), coroutine)
         # A driver closed or dropped before its first step never awaits the coroutine;
         # closing it then keeps Python from warning that it was never awaited.
-        weakref.finalize(driver, coroutine.close)
+        close = getattr(coroutine, "close", None)
+        if close is not None:  # an awaitable that is not a coroutine may have no close()
+            weakref.finalize(driver, close)
         return driver
 
     return wrapper
