@@ -271,8 +271,8 @@ def _patch_attribute(patch: _Patch, module: ModuleType, imported_before: bool) -
     patch.owned_before = owned_before
     shared = _patch_with_wrapper(original, patch)
     if shared is not None:
-        # The attribute already holds another entry point's wrapper, as when a package
-        # re-exports its module's main: each call is recorded once, under that entry
+        # The attribute already refers to another entry point's wrapper, as when a package
+        # re-exports its module's main. Each call is then recorded once, under that entry
         # point, and uninstall() restores this attribute to the function as well.
         patch.original = shared.original
         patch.wrapper = shared.wrapper
@@ -288,8 +288,8 @@ def _patch_attribute(patch: _Patch, module: ModuleType, imported_before: bool) -
         return  # telemetry is disabled and the decorator left the function as it is
     setattr(owner, attribute, wrapper)
     if isinstance(owner, ModuleType):
-        # Only module-level functions: a global that holds a method may be a base class's
-        # method, whose calls a spec naming a subclass must not record.
+        # Only module-level functions, because a global that refers to a method may mean a
+        # base class's method, whose calls a spec naming a subclass must not record.
         patch.aliases = _rebind_aliases(original, wrapper)
 
 

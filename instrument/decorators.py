@@ -53,7 +53,7 @@ ResultMetrics = Callable[[Any], Mapping[str, Any]]
 
 _repeats = RepeatLimiter()
 
-# The longest part of a returned message that an entry point's error_summary keeps.
+# Maximum number of characters of a returned message kept in an entry point's error_summary.
 EXIT_MESSAGE_CHARS = 200
 
 

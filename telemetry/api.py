@@ -570,7 +570,7 @@ def _secret_forms(*secrets: str | None) -> tuple[str, ...]:
     """Return each secret with the escaped forms a server may echo it in, longest first.
 
     A JSON encoder may escape "/" as "\\/" and any non-ASCII character as \\uXXXX, and a
-    URL or form encoder percent-encodes; every form is masked, not just the plain text.
+    URL or form encoder percent-encodes. Every form is masked, not just the plain text.
     """
     forms: set[str] = set()
     for secret in secrets:

@@ -298,7 +298,7 @@ class TelemetryClient:
         """Post every pending run now, ignoring the backoff of the automatic retries.
 
         Each post gets the full retries of the API client. Returns when each pending run
-        was posted or failed, or when ``timeout`` has passed; the runs not tried by then
+        was posted or failed, or when ``timeout`` has passed. The runs not tried by then
         stay pending and are counted in ``FlushResult.remaining``. Nothing is posted when
         the API is off or not configured.
 

@@ -71,7 +71,7 @@ def mask_url_password(url: str) -> str:
 def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
     """Return the default store: ``$XDG_DATA_HOME/agent-telemetry``, else ``~/.local/share/...``.
 
-    The XDG Base Directory specification says a relative XDG_DATA_HOME is invalid and must
+    The XDG Base Directory specification states that a relative XDG_DATA_HOME is invalid and must
     be ignored, so only an absolute one is used.
     """
     env = os.environ if environ is None else environ

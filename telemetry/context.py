@@ -33,7 +33,7 @@ def current_run() -> RunContext | None:
 
     The value follows contextvars, so each thread and asyncio task has its own run, and a
     task created inside a run inherits that run. A thread started inside a run does not,
-    because a new thread starts with an empty context; run it through
+    because a new thread starts with an empty context. Run it through
     ``contextvars.copy_context().run`` to pass the run on.
     """
     return _current_run.get()
@@ -124,7 +124,7 @@ def classify_exit(error: BaseException | None) -> tuple[str, dict[str, str]]:
 
     Every status other than success records the exception type in error_summary, and an
     Exception's traceback in error_details. A block inside ``asyncio.timeout()`` or
-    ``asyncio.wait_for`` sees the cancellation, not the TimeoutError raised outside it, so
+    ``asyncio.wait_for`` receives the cancellation, not the TimeoutError raised outside it, so
     its run ends as cancelled.
     """
     if error is None:
@@ -169,9 +169,10 @@ def _truncate(text: str, limit: int) -> str:
 class TrackedRun:
     """Context manager of ``TelemetryClient.track_run``, for ``with`` and ``async with``.
 
-    Entering starts the run and yields its RunContext; leaving ends it with the status from
-    classify_exit, or the one given to RunContext.set_status when the block exits normally.
-    The exception, if any, always propagates unchanged; a fault while recording is logged.
+    Entering starts the run and yields its RunContext. Leaving ends it with the status from
+    classify_exit, or with the one given to RunContext.set_status when the block exits
+    normally. The exception, if any, always propagates unchanged, and a fault while
+    recording is logged.
     """
 
     __slots__ = ("_client", "_context", "_fields", "_token")

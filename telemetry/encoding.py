@@ -72,7 +72,7 @@ class ConversionIssue(NamedTuple):
     path: str
     """The location of the value, such as ``payload.items[3]`` or ``payload.<key 2>``."""
     reason: str
-    """What was converted and into what, such as ``float nan stored as "NaN"``."""
+    """The conversion applied, such as ``float nan stored as "NaN"``."""
 
 
 def make_jsonable(value: Any, path: str) -> tuple[Any, list[ConversionIssue]]:

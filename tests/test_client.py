@@ -310,7 +310,7 @@ def test_run_posted_to_api(tmp_path: Path, api_server: Any) -> None:
 
 
 def test_end_run_bounded_by_hanging_api(tmp_path: Path, api_server: Any) -> None:
-    """A server that never answers leaves the run pending once end_run_timeout passes."""
+    """A server that never responds leaves the run pending once end_run_timeout passes."""
     api_server.hang()
     settings = {"api_url": api_server.url, "end_run_timeout": 0.3, "timeout": 5.0}
     with make_client(tmp_path, **settings) as client:
@@ -602,7 +602,7 @@ def test_open_run_abandoned_at_exit(tmp_path: Path) -> None:
 
 
 def test_works_without_httpx(tmp_path: Path) -> None:
-    """Without httpx the client records runs and says once that posting is off."""
+    """Without httpx the client records runs and logs once that posting is off."""
     code = """
         import logging, sys
         sys.modules["httpx"] = None

@@ -191,7 +191,7 @@ def test_moderate_nesting_kept() -> None:
 
 
 def test_issue_reason() -> None:
-    """The issue's reason names what was converted and into what."""
+    """A ConversionIssue's reason names the original type and its stored form."""
     _, issues = make_jsonable(float("nan"), "metrics_json")
 
     assert issues == [ConversionIssue("metrics_json", "float nan stored as 'NaN'")]
