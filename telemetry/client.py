@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, TypeVar
 from telemetry._fields import check_fields, check_final_status, check_text
 from telemetry._logutil import RepeatLimiter
 from telemetry.api import APIClient, PostResult
-from telemetry.config import TelemetryConfig
+from telemetry.config import TelemetryConfig, resolve_config
 from telemetry.context import TrackedRun
 from telemetry.database import DatabaseWriter
 from telemetry.encoding import make_jsonable
@@ -710,17 +710,16 @@ def _config_from_environment() -> TelemetryConfig:
     A broken setting must not stop the agent, nor should a typo in an API setting stop
     local recording, so each invalid variable is logged and ignored.
     """
-    environ = dict(os.environ)
-    for _ in range(len(environ) + 1):
-        try:
-            return TelemetryConfig(environ=environ).validate()
-        except ConfigError as exc:
-            if exc.key not in environ:
-                break
-            logger.error("%s; %s is ignored and its default is used", exc, exc.key)
-            del environ[exc.key]
-    logger.error("the telemetry settings are invalid; telemetry is disabled for this process")
-    return TelemetryConfig(enabled=False, environ={})
+    try:
+        config, ignored = resolve_config()
+    except ConfigError as exc:
+        logger.error(
+            "the telemetry settings are invalid (%s); telemetry is disabled for this process", exc
+        )
+        return TelemetryConfig(enabled=False, environ={})
+    for error in ignored:
+        logger.error("%s; %s is ignored and its default is used", error, error.key)
+    return config
 
 
 def _describe(exc: BaseException) -> str:

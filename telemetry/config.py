@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from telemetry.errors import ConfigError
@@ -22,10 +22,12 @@ __all__ = [
     "DURABILITY_MODES",
     "ENV_PREFIX",
     "ConfigSource",
+    "ResolvedConfig",
     "TelemetryConfig",
     "default_data_dir",
     "mask_url_password",
     "parse_bool",
+    "resolve_config",
 ]
 
 ENV_PREFIX = "TELEMETRY_"
@@ -375,3 +377,42 @@ class TelemetryConfig:
         return all(getattr(self, s.name) == getattr(other, s.name) for s in _SETTINGS)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+class ResolvedConfig(NamedTuple):
+    """A validated config and the environment variables left out to get it."""
+
+    config: TelemetryConfig
+    ignored: tuple[ConfigError, ...]
+    """One error per invalid environment variable, whose default was used instead."""
+
+
+def resolve_config(environ: Mapping[str, str] | None = None, **arguments: Any) -> ResolvedConfig:
+    """Resolve and validate a config, using the default for each invalid environment variable.
+
+    A typo in one ``TELEMETRY_*`` variable should not stop what the others allow, so each
+    variable that fails to parse or validate is dropped and reported in ``ignored``, and
+    the others still apply. Arguments are not forgiven: they come from code or from a
+    command line, where the error can be fixed at once.
+
+    Args:
+        environ: the environment to read (default: os.environ).
+        **arguments: settings given as TelemetryConfig keyword arguments.
+
+    Raises:
+        ConfigError: an argument is invalid.
+        TypeError: an argument is not a setting.
+    """
+    remaining = dict(os.environ if environ is None else environ)
+    ignored: list[ConfigError] = []
+    # Each pass drops one variable, so the loop ends after at most one pass per variable.
+    while True:
+        try:
+            config = TelemetryConfig(**arguments, environ=remaining).validate()
+        except ConfigError as exc:
+            if exc.key not in remaining:
+                raise
+            ignored.append(exc)
+            del remaining[exc.key]
+            continue
+        return ResolvedConfig(config, tuple(ignored))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from telemetry.config import TelemetryConfig, default_data_dir, parse_bool
+from telemetry.config import TelemetryConfig, default_data_dir, parse_bool, resolve_config
 from telemetry.errors import ConfigError, TelemetryError
 
 TOKEN = "tok-5ecret-8f2c41d9"  # distinctive, so a leak shows up as a substring
@@ -589,3 +589,44 @@ def test_url_password_masked() -> None:
     assert "hunter2secret" not in str(list(config.describe()))
     assert "hunter2secret" not in str(caught.value)
     assert "bob:***@127.0.0.1" in repr(config)
+
+
+# -- resolve_config -------------------------------------------------------------------------
+
+
+def test_resolve_config_keeps_valid_settings() -> None:
+    """resolve_config applies the environment when every variable is valid."""
+    config, ignored = resolve_config({"TELEMETRY_TIMEOUT": "2.5"}, data_dir="/srv/store")
+    assert config.timeout == 2.5
+    assert config.data_dir == pathlib.Path("/srv/store")
+    assert ignored == ()
+
+
+def test_resolve_config_drops_invalid_variables() -> None:
+    """Each invalid variable falls back to its default and is reported; the rest apply."""
+    environ = {
+        "TELEMETRY_TIMEOUT": "soon",
+        "TELEMETRY_MAX_RETRIES": "99",
+        "TELEMETRY_DURABILITY": "batch",
+    }
+    config, ignored = resolve_config(environ)
+    assert config.timeout == 10.0
+    assert config.max_retries == 3
+    assert config.durability == "batch"
+    assert sorted(error.key for error in ignored) == [
+        "TELEMETRY_MAX_RETRIES",
+        "TELEMETRY_TIMEOUT",
+    ]
+
+
+def test_resolve_config_masks_invalid_token() -> None:
+    """An invalid token is reported without its value."""
+    _, ignored = resolve_config({"TELEMETRY_API_TOKEN": "has space-secret"})
+    assert [error.key for error in ignored] == ["TELEMETRY_API_TOKEN"]
+    assert "secret" not in str(ignored[0])
+
+
+def test_resolve_config_raises_for_arguments() -> None:
+    """An invalid argument is not forgiven: it raises ConfigError naming it."""
+    with pytest.raises(ConfigError, match="timeout"):
+        resolve_config({}, timeout="-1")
