@@ -540,7 +540,16 @@ def test_run_stats_values(writer: DatabaseWriter) -> None:
         "failed": 1,
         "partial": 0,
         "running": 1,
+        "cancelled": 0,
+        "timeout": 0,
+        "abandoned": 0,
+        "items_discovered": 0,
+        "items_succeeded": 0,
+        "items_failed": 0,
+        "pending_api_posts": 2,
         "avg_duration_ms": 200.0,
+        "p50_duration_ms": 100,
+        "p95_duration_ms": 300,
     }
     assert stats["by_agent"]["agent-b"]["avg_duration_ms"] is None
 
