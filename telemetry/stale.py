@@ -1,0 +1,250 @@
+"""Find runs left ``running`` by a process that is gone, and end them as abandoned.
+
+A run stays ``running`` in the index when its process dies before end_run: kill -9, an
+out-of-memory kill, a power loss. The client records the hostname and pid of every run,
+so on the same host the run can be judged by its process. A run of another host, or one
+whose process is still alive, can only be judged by how long it has been running.
+
+Logger: ``telemetry.stale``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from telemetry.models import RunRecord, parse_timestamp
+
+if TYPE_CHECKING:
+    from telemetry.client import TelemetryClient
+    from telemetry.database import DatabaseWriter
+
+__all__ = [
+    "PID_REUSE_TOLERANCE",
+    "StaleRun",
+    "abandon_runs",
+    "find_stale_runs",
+    "process_is_gone",
+]
+
+logger = logging.getLogger("telemetry.stale")
+
+PID_REUSE_TOLERANCE = datetime.timedelta(seconds=5)
+"""How much later than a run's start its pid's process may seem to have started and
+still count as the run's own process.
+
+The start of a process is computed from the time since boot and today's wall clock, so
+a wall-clock step forward since the run started makes the process seem to start later
+by that step.
+"""
+
+_PROC = Path("/proc")
+# States of /proc/<pid>/stat in which the process has exited: zombie and dead.
+_EXITED_STATES = frozenset({"Z", "X", "x"})
+
+
+class StaleRun(NamedTuple):
+    """A run that is still ``running`` in the index but should not be."""
+
+    record: RunRecord
+    reason: str
+    """The cause in words, such as "process 4242 on host-a is no longer running"."""
+
+
+def process_is_gone(pid: int, started_at: datetime.datetime) -> bool:
+    """Return whether the process that started a run at ``started_at`` has ended.
+
+    True when no process ``pid`` exists on this host, or when it is a zombie: it has
+    exited and its parent has not reaped it. True also when the process that now has
+    ``pid`` started more than PID_REUSE_TOLERANCE after ``started_at``, because then the
+    pid was reused. The last two checks read /proc, on Linux only. Elsewhere, or when
+    /proc/<pid>/stat is not readable, an existing process counts as the run's own. A
+    process of another user (os.kill raises PermissionError) exists.
+
+    NOTE: on Windows, os.kill(pid, 0) would send CTRL_C_EVENT, so no check is made and
+    every process counts as running.
+
+    Raises:
+        ValueError: ``pid`` is not an int of 1 or more, or ``started_at`` is naive.
+    """
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid < 1:
+        raise ValueError(f"invalid pid {pid!r}: expected an int >= 1")
+    if started_at.utcoffset() is None:
+        raise ValueError(
+            f"invalid started_at {started_at!r}: pass an aware datetime, e.g. with tzinfo=UTC"
+        )
+    if os.name == "nt":
+        return False
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    except OverflowError:
+        return True  # larger than any pid the kernel hands out
+
+    try:
+        found = _read_proc_stat(pid)
+    except FileNotFoundError:
+        return True  # it ended after os.kill found it
+    if found is None:
+        return False
+    state, process_start = found
+    if state in _EXITED_STATES:
+        return True
+    return process_start > started_at + PID_REUSE_TOLERANCE
+
+
+def _read_proc_stat(pid: int) -> tuple[str, datetime.datetime] | None:
+    """Return the state and the start time of process ``pid`` from /proc/<pid>/stat.
+
+    Returns None when this host has no /proc, or the file cannot be read or parsed.
+
+    Raises:
+        FileNotFoundError: /proc exists, but no process ``pid``.
+    """
+    if not (_PROC / "self" / "stat").exists():
+        return None
+    try:
+        text = (_PROC / str(pid) / "stat").read_bytes().decode("ascii", "replace")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        logger.debug("cannot read /proc/%d/stat: %s", pid, exc)
+        return None
+
+    # The second field is the command name in parentheses. It may itself contain spaces
+    # and parentheses, so the fields after it start after the last ")".
+    fields = text[text.rfind(")") + 2 :].split()
+    try:
+        state = fields[0]
+        start_ticks = int(fields[19])  # field 22 of proc(5), "starttime"
+    except (IndexError, ValueError):
+        logger.debug("cannot parse /proc/%d/stat: %r", pid, text)
+        return None
+    return state, _boot_time() + datetime.timedelta(seconds=start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def _boot_time() -> datetime.datetime:
+    """Return the wall-clock time at which this host booted, by today's clock.
+
+    /proc/<pid>/stat gives a process's start in clock ticks since boot. Linux takes it
+    from the boot-based clock (task->start_boottime in fs/proc/array.c), the clock that
+    CLOCK_BOOTTIME reads, which includes time spent suspended.
+    """
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+    else:
+        since_boot = float((_PROC / "uptime").read_text().split()[0])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now - datetime.timedelta(seconds=since_boot)
+
+
+def find_stale_runs(
+    index: DatabaseWriter,
+    *,
+    stale_after: datetime.timedelta | None = None,
+    now: datetime.datetime | None = None,
+    hostname: str | None = None,
+) -> list[StaleRun]:
+    """Return the runs of ``index`` still ``running`` whose process is gone or that run too long.
+
+    The runs are in the order of list_runs, newest first.
+
+    Args:
+        index: the index to read.
+        stale_after: a run that started more than this before ``now`` is stale whatever
+            its host. None leaves out this check.
+        now: the current time; default the clock's.
+        hostname: this host's name, default socket.gethostname(), the value the client
+            records. Runs with this hostname and a pid are checked with
+            process_is_gone. Runs of other hosts, or without a pid, are judged by
+            ``stale_after`` only.
+
+    Raises:
+        ValueError: ``stale_after`` is not positive, or ``now`` is naive.
+        sqlite3.Error: the index cannot be read.
+    """
+    if stale_after is not None and stale_after <= datetime.timedelta(0):
+        raise ValueError(f"invalid stale_after {stale_after}: expected a positive duration")
+    if now is None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+    elif now.utcoffset() is None:
+        raise ValueError(f"invalid now {now!r}: pass an aware datetime, e.g. with tzinfo=UTC")
+    host = socket.gethostname() if hostname is None else hostname
+
+    stale: list[StaleRun] = []
+    for record in index.iter_runs(status="running"):
+        reason = _stale_reason(record, host, stale_after, now)
+        if reason is not None:
+            stale.append(StaleRun(record, reason))
+    return stale
+
+
+def _stale_reason(
+    record: RunRecord,
+    host: str,
+    stale_after: datetime.timedelta | None,
+    now: datetime.datetime,
+) -> str | None:
+    """Return why ``record`` is stale, or None if it is not."""
+    started = parse_timestamp(record.start_time)
+    pid = record.pid
+    # A pid below 1 cannot be a process's: os.kill(0, 0) would signal our process group.
+    on_this_host = record.hostname == host
+    if on_this_host and pid is not None and pid >= 1 and process_is_gone(pid, started):
+        return f"process {pid} on {host} is no longer running"
+    if stale_after is not None:
+        running_for = now - started
+        if running_for > stale_after:
+            return (
+                f"running for {_format_duration(running_for)}, "
+                f"longer than the stale-after limit of {_format_duration(stale_after)}"
+            )
+    return None
+
+
+def _format_duration(duration: datetime.timedelta) -> str:
+    """Return ``duration`` in its two largest units, such as "6 h 12 min" or "45 s".
+
+    A unit of zero after the first is left out ("6 h", not "6 h 0 min"), and smaller
+    units are dropped, not rounded.
+    """
+    seconds = max(0, int(duration.total_seconds()))
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    units = [(days, "d"), (hours, "h"), (minutes, "min"), (seconds, "s")]
+    while len(units) > 1 and units[0][0] == 0:
+        units.pop(0)
+    displayed = [units[0]] + [unit for unit in units[1:2] if unit[0] != 0]
+    return " ".join(f"{value} {name}" for value, name in displayed)
+
+
+def abandon_runs(client: TelemetryClient, stale: Iterable[StaleRun]) -> int:
+    """End each stale run with status ``abandoned`` and the reason as error_summary.
+
+    Each run is ended through client.end_run, which journals a run_end line and updates
+    the index row. For a run that another process started, end_run sets the duration
+    from its start_time to now. A run that has ended since it was found is left as it
+    is, with the client's WARNING, and is not counted.
+
+    Returns:
+        The number of runs ended.
+    """
+    ended = 0
+    for run in stale:
+        run_id = run.record.run_id
+        if client.end_run(run_id, "abandoned", error_summary=run.reason) is None:
+            continue
+        logger.info("ended run %s as abandoned: %s", run_id, run.reason)
+        ended += 1
+    return ended
