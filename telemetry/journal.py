@@ -1,0 +1,694 @@
+"""JournalReader: reading the daily journal files that NDJSONWriter appends to.
+
+The reader lists the files of a date range, reads one file, collects the records of one
+run, folds the whole journal into the runs it describes, and follows the newest file as
+other processes append to it. It never writes, locks or deletes a file. Appends are single
+writes of whole lines, so reading without a lock gets whole lines, except a line that a
+crash cut short or that is being written at that moment.
+
+Lines that cannot be used (invalid JSON or UTF-8, JSON that is not an object, a record
+that fails the checks of fold_runs) are skipped and counted, and a WARNING names the file.
+Logger: ``telemetry.journal``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import logging
+import math
+import os
+import time
+import types
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import orjson
+
+from telemetry._logutil import RepeatLimiter
+from telemetry._schema import _TIMESTAMP_COLUMNS
+from telemetry.encoding import INT64_MAX, INT64_MIN
+from telemetry.models import STATUSES, RunEvent, RunRecord, parse_timestamp
+from telemetry.ndjson import (
+    FILE_PREFIX,
+    FILE_SUFFIX,
+    RECORD_TYPES,
+    JournalReadResult,
+    _date_of_file_name,
+    _normalise_date,
+    _utc_date,
+)
+
+__all__ = ["JournalFile", "JournalReader", "JournalRuns"]
+
+logger = logging.getLogger("telemetry.journal")
+
+# Bytes read per system call while following a file.
+_CHUNK_SIZE = 64 * 1024
+
+# Warnings about corrupt lines met while following: the first five per file, then every 100th.
+_FOLLOW_WARNING_BURST = 5
+_FOLLOW_WARNING_EVERY = 100
+
+_DATE_ARGUMENT_FORMS = "YYYYMMDD, YYYY-MM-DD or a datetime.date, such as 20261204"
+
+
+def _utc_today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+
+
+class JournalFile(NamedTuple):
+    """A journal file and the UTC day of the records it holds."""
+
+    date: str
+    """The day as YYYYMMDD."""
+    path: Path
+
+
+class JournalRuns(NamedTuple):
+    """The runs that the journal describes, as JournalReader.fold_runs returns them."""
+
+    runs: dict[str, RunRecord]
+    """Run id to run, in the order the runs first appear in the journal."""
+    files: int
+    """Number of files read."""
+    corrupt_lines: dict[Path, int]
+    """Number of lines skipped per file. Files without skipped lines are left out."""
+
+
+class JournalReader:
+    """Read the journal files in ``directory``, and never write, lock or delete them.
+
+    Thread-safe: the reader keeps no state between calls, and each follow() iterator keeps
+    its own.
+
+    Attributes:
+        directory: the directory of the ``events_YYYYMMDD.ndjson`` files.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def __repr__(self) -> str:
+        return f"JournalReader({str(self.directory)!r})"
+
+    # -- listing and reading ------------------------------------------------------------------
+
+    def files(
+        self,
+        first_date: str | datetime.date | None = None,
+        last_date: str | datetime.date | None = None,
+    ) -> list[JournalFile]:
+        """List the journal files dated from ``first_date`` to ``last_date``, oldest first.
+
+        Both bounds are inclusive and optional. A date is YYYYMMDD, YYYY-MM-DD, a
+        datetime.date, or an aware datetime.datetime, which is taken as its UTC date. Names
+        other than ``events_YYYYMMDD.ndjson`` with a real date, and entries that are not
+        files, are left out. A missing directory gives [].
+
+        Raises:
+            ValueError: a date is not one of those forms, or a datetime is naive.
+            TypeError: a date is of another type.
+            OSError: the directory exists but cannot be listed.
+        """
+        first = _date_argument(first_date, "first_date")
+        last = _date_argument(last_date, "last_date")
+
+        found: list[JournalFile] = []
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            date = _date_of_file_name(entry.name)
+            if date is None:
+                continue
+            if (first is not None and date < first) or (last is not None and date > last):
+                continue
+            if entry.is_file():
+                found.append(JournalFile(date, Path(entry.path)))
+        found.sort()
+        return found
+
+    def read(self, path: str | os.PathLike[str]) -> JournalReadResult:
+        """Read the records of one file and count its corrupt lines.
+
+        A line is corrupt when it is not valid UTF-8 and JSON, or is JSON but not an object,
+        such as a last line cut short by a crash or still being written. Corrupt lines are
+        skipped and counted, and one WARNING gives the count and the path. Blank lines are
+        ignored. A missing file gives no records, because prune may delete a file between
+        files() and read().
+
+        Raises:
+            OSError: the file exists but cannot be read.
+        """
+        path = Path(path)
+        records: list[dict[str, Any]] = []
+        corrupt = 0
+        try:
+            for _, record, _ in _read_lines(path):
+                if record is None:
+                    corrupt += 1
+                else:
+                    records.append(record)
+        except FileNotFoundError:
+            return JournalReadResult(path, [], 0)
+
+        if corrupt:
+            logger.warning("skipped %d corrupt lines in %s", corrupt, path)
+        return JournalReadResult(path, records, corrupt)
+
+    def run_records(
+        self, run_id: str, start_time: str, end_time: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Collect the run_start, event and run_end records of ``run_id``, in journal order.
+
+        Only the files dated from the UTC date of ``start_time`` to that of ``end_time``
+        are opened, or to the newest file when ``end_time`` is None (a run still running).
+        Should the end be dated before the start, because a clock stepped back, the files
+        between the two dates are read. Corrupt lines are skipped with one WARNING per file.
+
+        Raises:
+            TypeError: ``run_id`` is not a str.
+            ValueError: a time is not ISO 8601 with an offset.
+            OSError: a file in the range exists but cannot be read.
+        """
+        if not isinstance(run_id, str):
+            raise TypeError(f"run_id must be a str, not {type(run_id).__name__}: {run_id!r}")
+        first = _utc_date(start_time)
+        last = first if end_time is None else _utc_date(end_time)
+        first, last = min(first, last), max(first, last)
+
+        selected: list[dict[str, Any]] = []
+        for journal_file in self.files(first, None if end_time is None else last):
+            corrupt = 0
+            try:
+                for _, record, _ in _read_lines(journal_file.path):
+                    if record is None:
+                        corrupt += 1
+                    elif (
+                        record.get("run_id") == run_id and record.get("record_type") in RECORD_TYPES
+                    ):
+                        selected.append(record)
+            except FileNotFoundError:
+                continue
+            if corrupt:
+                logger.warning("skipped %d corrupt lines in %s", corrupt, journal_file.path)
+        return selected
+
+    # -- folding ------------------------------------------------------------------------------
+
+    def fold_runs(self, progress: Callable[[int, int], None] | None = None) -> JournalRuns:
+        """Read every file once, oldest first, and return the runs the journal describes.
+
+        Each run_start and run_end line becomes a RunRecord. A run_end line wins over a
+        run_start line whatever the file order, and of two run_end lines the later in
+        journal order wins. A run_end without a run_start still makes a run.
+
+        A line is counted as corrupt, and skipped, when it cannot be parsed or the index
+        would reject its record. The checks are: a known record_type, every required
+        field, each value of its field's type, integers within 64 bits, a known status,
+        and times in ISO 8601 with an offset. Event lines are checked against the RunEvent
+        fields in the same way. One WARNING per file gives the count and the first problem.
+        A file deleted while the journal is read is skipped with a WARNING.
+
+        Args:
+            progress: called as ``progress(files_done, files_total)`` after each file.
+
+        Raises:
+            OSError: a file or the directory exists but cannot be read.
+        """
+        journal_files = self.files()
+        # The checked run line that wins so far, per run id. RunRecords are built at the
+        # end, once per run, because building one takes longer than checking a line.
+        run_lines: dict[str, dict[str, Any]] = {}
+        ended: set[str] = set()
+        corrupt_lines: dict[Path, int] = {}
+        files_read = 0
+
+        for done, journal_file in enumerate(journal_files, start=1):
+            try:
+                corrupt = _fold_file(journal_file.path, run_lines, ended)
+            except FileNotFoundError:
+                logger.warning(
+                    "journal file %s was deleted while the journal was read, so its runs are "
+                    "left out",
+                    journal_file.path,
+                )
+            else:
+                files_read += 1
+                if corrupt:
+                    corrupt_lines[journal_file.path] = corrupt
+            if progress is not None:
+                progress(done, len(journal_files))
+
+        runs = {run_id: _run_from_line(line) for run_id, line in run_lines.items()}
+        return JournalRuns(runs, files_read, corrupt_lines)
+
+    # -- following ----------------------------------------------------------------------------
+
+    def follow(
+        self,
+        *,
+        backlog: int = 10,
+        poll_interval: float = 0.25,
+        sleep: Callable[[float], None] = time.sleep,
+        today: Callable[[], str] = _utc_today,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the last ``backlog`` records of today's file, then each record appended.
+
+        Appends by any process are seen. The iterator starts at the file of ``today()``
+        (YYYYMMDD or YYYY-MM-DD), waiting for it when it is missing. When it has read to the
+        end of its file and a later-dated file exists, it reads the old file to its end once
+        more and moves on to the earliest later-dated file, from its start. That is the
+        midnight roll-over, and it needs no clock. A line is yielded once its newline has
+        arrived. A file that is deleted or replaced under the reader is opened again and
+        read from its start, and a file cut shorter than the position read is read again
+        from its start, each with a WARNING. Corrupt lines are skipped with a WARNING (the
+        first five per file, then every 100th).
+
+        ``stop()`` is called before each read, and the iterator returns once it is true.
+        When nothing new has arrived, the iterator calls ``sleep(poll_interval)``. Closing
+        the iterator closes the file it keeps open.
+
+        NOTE: lines appended to a file after the reader has moved on to a later file are
+        never yielded, such as a run_end dated yesterday by a process whose clock is late.
+        A file dated in the future, written under a wrong clock, makes the reader move on
+        to it as soon as today's file is read.
+
+        Raises:
+            TypeError: ``backlog`` is not an int, or ``poll_interval`` is not a number.
+            ValueError: ``backlog`` is negative, ``poll_interval`` is negative or not
+                finite; when iterating, ``today()`` returned an invalid date.
+            OSError: when iterating, the directory or a file exists but cannot be read.
+        """
+        if not isinstance(backlog, int) or isinstance(backlog, bool):
+            raise TypeError(f"backlog must be an int, not {type(backlog).__name__}: {backlog!r}")
+        if backlog < 0:
+            raise ValueError(f"invalid backlog {backlog}: expected a number of records >= 0")
+        if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)):
+            raise TypeError(
+                f"poll_interval must be a number of seconds, not "
+                f"{type(poll_interval).__name__}: {poll_interval!r}"
+            )
+        if not math.isfinite(poll_interval) or poll_interval < 0:
+            raise ValueError(
+                f"invalid poll_interval {poll_interval!r}: expected a finite number of seconds >= 0"
+            )
+        return self._follow(backlog, float(poll_interval), sleep, today, stop)
+
+    def _follow(
+        self,
+        backlog: int,
+        poll_interval: float,
+        sleep: Callable[[float], None],
+        today: Callable[[], str],
+        stop: Callable[[], bool],
+    ) -> Iterator[dict[str, Any]]:
+        date = _normalise_date(today())
+        warnings = RepeatLimiter(burst=_FOLLOW_WARNING_BURST, every=_FOLLOW_WARNING_EVERY)
+        followed: _FollowedFile | None = None
+        # The backlog applies to today's file only if it exists at the start. Every line of
+        # a file opened later was appended after the start.
+        first_open = True
+
+        try:
+            while not stop():
+                if followed is None:
+                    followed = _FollowedFile.open(self._path_of(date), date, warnings)
+                    if followed is None:
+                        first_open = False
+                        later = self._next_file_after(date)
+                        if later is not None:
+                            date = later.date
+                        else:
+                            sleep(poll_interval)
+                        continue
+                    if first_open:
+                        first_open = False
+                        yield from followed.read_backlog(backlog)
+                        continue
+
+                records = followed.read_available()
+                if records is not None:
+                    yield from records
+                    continue
+
+                # At the end of the file: check for a replaced file, then for a later one.
+                state = followed.check_path()
+                if state == "gone":
+                    followed.close()
+                    followed = None
+                    continue
+                if state == "rewound":
+                    continue
+
+                later = self._next_file_after(followed.date)
+                if later is None:
+                    sleep(poll_interval)
+                    continue
+
+                # Lines appended before the later file appeared are in the file by now.
+                while (records := followed.read_available()) is not None:
+                    yield from records
+                followed.close_at_roll_over(later.path)
+                followed = None
+                date = later.date
+        finally:
+            if followed is not None:
+                followed.close()
+
+    def _path_of(self, date: str) -> Path:
+        return self.directory / f"{FILE_PREFIX}{date}{FILE_SUFFIX}"
+
+    def _next_file_after(self, date: str) -> JournalFile | None:
+        later = [journal_file for journal_file in self.files(date) if journal_file.date > date]
+        return later[0] if later else None
+
+
+# -- following one file -------------------------------------------------------------------------
+
+
+class _FollowedFile:
+    """One journal file open for following: the read position and the unfinished line."""
+
+    def __init__(self, path: Path, date: str, fd: int, warnings: RepeatLimiter) -> None:
+        self.path = path
+        self.date = date
+        self._fd = fd
+        self._warnings = warnings
+        # Bytes after the last newline read, and the file offset where they start.
+        self._pending = b""
+        self._pending_offset = 0
+
+    @classmethod
+    def open(cls, path: Path, date: str, warnings: RepeatLimiter) -> _FollowedFile | None:
+        """Open ``path`` for reading, or return None when it does not exist.
+
+        Raises:
+            OSError: the file exists but cannot be opened.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        return cls(path, date, fd, warnings)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def close_at_roll_over(self, next_path: Path) -> None:
+        """Close the file on moving to ``next_path``, with a WARNING for an unfinished line."""
+        if self._pending.strip():
+            logger.warning(
+                "dropped the unfinished last line of %s (%d bytes at offset %d) on moving to %s",
+                self.path,
+                len(self._pending),
+                self._pending_offset,
+                next_path,
+            )
+        self.close()
+
+    def read_available(self) -> list[dict[str, Any]] | None:
+        """Read up to one chunk and return the records of its whole lines, or None at the end.
+
+        Raises:
+            OSError: the read failed.
+        """
+        chunk = os.read(self._fd, _CHUNK_SIZE)
+        if not chunk:
+            return None
+        return self._records_of(chunk)
+
+    def read_backlog(self, backlog: int) -> list[dict[str, Any]]:
+        """Read the file to its end and return its last ``backlog`` records.
+
+        Raises:
+            OSError: a read failed.
+        """
+        last: collections.deque[dict[str, Any]] = collections.deque(maxlen=backlog)
+        while chunk := os.read(self._fd, _CHUNK_SIZE):
+            last.extend(self._records_of(chunk))
+        return list(last)
+
+    def check_path(self) -> Literal["same", "rewound", "gone"]:
+        """Check that the path still names this file, and rewind the file if it shrank.
+
+        Returns "gone" when the file was deleted or replaced under the reader, so the
+        caller opens the path again, and "rewound" when the file was cut shorter than the
+        position read and will be read again from its start. Both are logged as a WARNING.
+        """
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            logger.warning(
+                "journal file %s was deleted while followed, so the reader waits for it to "
+                "be created again or for a later file",
+                self.path,
+            )
+            return "gone"
+        opened = os.fstat(self._fd)
+        if (named.st_ino, named.st_dev) != (opened.st_ino, opened.st_dev):
+            logger.warning(
+                "journal file %s was replaced while followed, so the new file is read from "
+                "its start",
+                self.path,
+            )
+            return "gone"
+        if opened.st_size < self._pending_offset + len(self._pending):
+            logger.warning(
+                "journal file %s shrank to %d bytes while followed, so it is read again from "
+                "its start",
+                self.path,
+                opened.st_size,
+            )
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            self._pending = b""
+            self._pending_offset = 0
+            return "rewound"
+        return "same"
+
+    def _records_of(self, chunk: bytes) -> list[dict[str, Any]]:
+        # Split the unfinished line plus the chunk into whole lines, and keep the new
+        # unfinished line for the next chunk.
+        lines = (self._pending + chunk).split(b"\n")
+        offset = self._pending_offset
+        self._pending = lines.pop()
+        self._pending_offset = offset + sum(len(line) + 1 for line in lines)
+
+        records: list[dict[str, Any]] = []
+        for line in lines:
+            line_offset = offset
+            offset += len(line) + 1
+            if not line.strip():
+                continue
+            record, problem = _parse_line(line)
+            if record is None:
+                self._warnings.log(
+                    logger,
+                    logging.WARNING,
+                    self.path,
+                    "skipped a corrupt line at offset %d of %s: %s",
+                    line_offset,
+                    self.path,
+                    problem,
+                )
+            else:
+                records.append(record)
+        return records
+
+
+# -- parsing and checking lines -----------------------------------------------------------------
+
+
+def _parse_line(line: bytes) -> tuple[dict[str, Any] | None, str]:
+    """Parse one line into a JSON object, or return None and the reason it is corrupt."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc}"
+    if not isinstance(value, dict):
+        return None, f"a JSON {type(value).__name__}, not an object"
+    return value, ""
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """Yield the line number and the record of each non-blank line, or None and the reason.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        OSError: it cannot be read.
+    """
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            record, problem = _parse_line(line)
+            yield number, record, problem
+
+
+def _fold_file(path: Path, run_lines: dict[str, dict[str, Any]], ended: set[str]) -> int:
+    """Fold the run lines of one file into ``run_lines`` and return the corrupt line count.
+
+    ``ended`` contains the ids of the runs in ``run_lines`` that come from a run_end line.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        OSError: it cannot be read.
+    """
+    corrupt = 0
+    first_problem = ""
+    for number, record, problem in _read_lines(path):
+        if record is not None:
+            problem = _check_record(record)
+        if record is None or problem:
+            corrupt += 1
+            first_problem = first_problem or f"line {number}: {problem}"
+            continue
+
+        run_id = record["run_id"]
+        if record["record_type"] == "run_end":
+            run_lines[run_id] = record
+            ended.add(run_id)
+        elif record["record_type"] == "run_start" and run_id not in ended:
+            run_lines[run_id] = record
+
+    if corrupt:
+        logger.warning(
+            "skipped %d corrupt lines in %s, the first at %s", corrupt, path, first_problem
+        )
+    return corrupt
+
+
+def _check_record(record: dict[str, Any]) -> str:
+    """Return what is wrong with a journal record, or "" when it is a valid record."""
+    record_type = record.get("record_type")
+    if record_type == "event":
+        problem = _EVENT_FIELDS.problem(record)
+        if not problem:
+            problem = _timestamp_problem("timestamp", record["timestamp"])
+        return problem
+    if record_type not in ("run_start", "run_end"):
+        return f"unknown record_type {record_type!r}"
+
+    problem = _RUN_FIELDS.problem(record)
+    if problem:
+        return f"{record_type}: {problem}"
+    if record["status"] not in STATUSES:
+        return f"{record_type}: unknown status {record['status']!r}"
+    for name in _TIMESTAMP_COLUMNS:
+        value = record.get(name)
+        if value is not None and (problem := _timestamp_problem(name, value)):
+            return f"{record_type}: {problem}"
+    return ""
+
+
+def _run_from_line(line: dict[str, Any]) -> RunRecord:
+    """Build the RunRecord of a run line that _check_record accepted.
+
+    Those checks cover what RunRecord.from_dict checks and converts (required fields,
+    metrics_json an object, api_posted a bool), so the record is built directly. The keys
+    are the field name objects themselves, so CPython matches the keyword arguments by
+    identity instead of comparing strings.
+    """
+    values = {
+        _RUN_FIELD_NAMES[key]: value for key, value in line.items() if key in _RUN_FIELD_NAMES
+    }
+    return RunRecord(**values)
+
+
+class _FieldTypes:
+    """The JSON types that each field of a record dataclass accepts, and its required fields."""
+
+    def __init__(self, record_class: type[Any]) -> None:
+        hints = typing.get_type_hints(record_class)
+        self.types: dict[str, tuple[type, ...]] = {}
+        self.required: list[str] = []
+        for field in dataclasses.fields(record_class):
+            hint = hints[field.name]
+            is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            members = typing.get_args(hint) if is_union else (hint,)
+            self.types[field.name] = tuple(
+                typing.get_origin(member) or member for member in members
+            )
+            if (
+                field.default is dataclasses.MISSING
+                and field.default_factory is dataclasses.MISSING
+            ):
+                self.required.append(field.name)
+
+    def problem(self, record: dict[str, Any]) -> str:
+        """Return what is wrong with the fields of ``record``, or "" when they fit.
+
+        Keys that are not fields, such as record_type, are ignored. Types are compared
+        exactly, as orjson returns them, so a bool is not taken for an int.
+        """
+        for name in self.required:
+            if name not in record:
+                return f"missing field {name!r}"
+            value = record[name]
+            if isinstance(value, str) and not value.strip():
+                return f"{name} is empty"
+
+        for name, value in record.items():
+            allowed = self.types.get(name)
+            if allowed is None:
+                continue
+            if type(value) not in allowed:
+                expected = " or ".join(_type_name(kind) for kind in allowed)
+                return f"{name} is {_type_name(type(value))}, expected {expected}"
+            if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+                return f"{name} is outside the 64-bit range of the index"
+        return ""
+
+
+def _type_name(kind: type) -> str:
+    return "null" if kind is type(None) else kind.__name__
+
+
+_RUN_FIELDS = _FieldTypes(RunRecord)
+_RUN_FIELD_NAMES = {field.name: field.name for field in dataclasses.fields(RunRecord)}
+_EVENT_FIELDS = _FieldTypes(RunEvent)
+
+
+def _timestamp_problem(name: str, value: str) -> str:
+    try:
+        parse_timestamp(value)
+    except ValueError as exc:
+        return f"{name}: {exc}"
+    return ""
+
+
+# -- dates --------------------------------------------------------------------------------------
+
+
+def _date_argument(value: str | datetime.date | None, name: str) -> str | None:
+    """Return a date argument as YYYYMMDD, or None for None.
+
+    Raises:
+        ValueError: an invalid date text, or a naive datetime.
+        TypeError: a value of another type.
+    """
+    if value is None:
+        return None
+    if isinstance(value, datetime.datetime):
+        if value.utcoffset() is None:
+            raise ValueError(
+                f"invalid {name} {value!r}: expected an aware datetime or a datetime.date, "
+                "because a naive datetime has no UTC date"
+            )
+        return value.astimezone(datetime.timezone.utc).strftime("%Y%m%d")
+    if isinstance(value, datetime.date):
+        return value.strftime("%Y%m%d")
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be {_DATE_ARGUMENT_FORMS}, not {type(value).__name__}: {value!r}"
+        )
+    try:
+        return _normalise_date(value)
+    except ValueError:
+        raise ValueError(f"invalid {name} {value!r}: expected {_DATE_ARGUMENT_FORMS}") from None
