@@ -1,0 +1,133 @@
+"""``telemetry flush``: post the runs that are waiting for the API."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from typing import Any
+
+from telemetry.cli._args import parse_count, parse_duration
+from telemetry.cli._context import EXIT_OK, EXIT_PROBLEM, CommandContext, CommandError
+from telemetry.cli._output import print_json
+
+__all__ = ["register"]
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
+
+_EPILOG = """\
+examples:
+  TELEMETRY_API_URL=https://telemetry.example.com/runs telemetry flush
+  telemetry flush --limit 100 --timeout 1m
+
+Posts each pending run (an ended run that the API has not accepted yet), oldest first,
+with the retries of the library's API client. No post starts after --timeout; the runs
+not tried by then stay pending. Exit code 1 when a post failed or the timeout left runs
+untried.
+"""
+
+
+def register(commands: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``flush`` subcommand's parser to ``commands``."""
+    parser = commands.add_parser(
+        "flush",
+        parents=[common],
+        help="post pending runs to the API",
+        description=(
+            "Post the runs that are waiting for the API (TELEMETRY_API_URL), with a "
+            "progress bar on a terminal, and print how many were posted, failed and are "
+            "still pending."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--limit", type=parse_count, metavar="N", help="post at most N runs (default: all)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_parse_timeout,
+        default=DEFAULT_TIMEOUT,
+        metavar="DURATION",
+        help=(
+            "start no post after this long, such as 90s or 10m; a plain number is seconds "
+            "(default: 5m)"
+        ),
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(handler=flush)
+
+
+def flush(args: argparse.Namespace, context: CommandContext) -> int:
+    """Post the pending runs and print the summary. Exit code 1: a post failed or was not tried."""
+    config = context.config
+    if config.api_url is None:
+        raise CommandError(
+            "TELEMETRY_API_URL is not set, so there is no API to post to: set it to the "
+            "URL that runs are posted to, such as https://telemetry.example.com/runs"
+        )
+    if not config.api_enabled:
+        raise CommandError(
+            "TELEMETRY_API_ENABLED is false, so posting is switched off: set it to true "
+            "to post runs"
+        )
+
+    index = context.open_index()
+    pending = int(index.get_run_stats()["pending_api_posts"])
+    to_post = pending if args.limit is None else min(pending, args.limit)
+    posted = failed = not_tried = 0
+    if to_post:
+        progress = context.progress("posting", to_post)
+        result = context.client().flush_pending(
+            limit=args.limit,
+            progress=progress.update,
+            timeout=args.timeout.total_seconds(),
+        )
+        progress.finish()
+        posted, failed, not_tried = result.posted, result.failed, result.remaining
+        if posted + failed + not_tried == 0:
+            # flush_pending found nothing to post although the index lists pending runs:
+            # the client skipped posting, and the reason is in its log line above.
+            raise CommandError(f"no run was posted of the {to_post} pending; see the warning above")
+    still_pending = int(index.get_run_stats()["pending_api_posts"])
+
+    summary = {
+        "posted": posted,
+        "failed": failed,
+        "not_tried": not_tried,
+        "still_pending": still_pending,
+    }
+    if args.json:
+        print_json(summary, context.out)
+    else:
+        _print_summary(summary, args.timeout, context)
+    return EXIT_PROBLEM if failed or not_tried else EXIT_OK
+
+
+def _print_summary(
+    summary: dict[str, int], timeout: datetime.timedelta, context: CommandContext
+) -> None:
+    line = (
+        f"posted {summary['posted']}, failed {summary['failed']}, "
+        f"still pending {summary['still_pending']}"
+    )
+    if summary["not_tried"]:
+        line += f" ({summary['not_tried']} not tried before the {_seconds(timeout)} timeout)"
+    print(line, file=context.out)
+
+
+def _seconds(duration: datetime.timedelta) -> str:
+    return f"{duration.total_seconds():g} s"
+
+
+def _parse_timeout(text: str) -> datetime.timedelta:
+    """Parse --timeout: a duration such as 90s or 10m, or a plain number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        return parse_duration(text)
+    if not 0 < seconds < 1e9:
+        raise argparse.ArgumentTypeError(
+            f"invalid timeout {text!r}: expected a positive number of seconds, or a "
+            "duration such as 90s or 10m"
+        )
+    return datetime.timedelta(seconds=seconds)

@@ -1,0 +1,131 @@
+"""How the command shows things: aligned tables, JSON, durations, times and progress."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import orjson
+
+__all__ = [
+    "Progress",
+    "format_duration",
+    "format_time",
+    "print_json",
+    "print_table",
+]
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Print ``rows`` under ``header`` in columns padded to their widest cell."""
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    for row in [header, *rows]:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip(), file=out)
+
+
+def print_json(value: Any, out: TextIO) -> None:
+    """Print ``value`` as one indented JSON document, for ``--json``."""
+    out.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode("utf-8") + "\n")
+
+
+def format_duration(milliseconds: float | None) -> str:
+    """Return a duration for people: ``850 ms``, ``12.4 s``, ``3.5 min``, ``2.0 h``, or ``-``."""
+    if milliseconds is None:
+        return "-"
+    if milliseconds < 1000:
+        return f"{round(milliseconds)} ms"
+    seconds = milliseconds / 1000
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_time(timestamp: str | None) -> str:
+    """Return a stored ISO 8601 UTC timestamp as ``YYYY-MM-DD HH:MM:SS``, or ``-``."""
+    if not timestamp:
+        return "-"
+    return timestamp[:19].replace("T", " ")
+
+
+class Progress:
+    """Shows how far a long operation has got, on a stream of its own (stderr).
+
+    With ``bar`` true the line is redrawn in place (``\\r``); otherwise, when ``lines`` is
+    true, a plain line is written each time another tenth of the work is done, and at
+    the end. With neither, nothing is shown.
+
+    Args:
+        label: what is being done, such as ``"posting"``.
+        total: the number of steps; 0 when unknown.
+        stream: where to write.
+        bar: draw a bar in place, for a terminal.
+        lines: without a bar, write plain lines of progress.
+        clock: the time source that spaces redraws of the bar; tests pass their own.
+    """
+
+    WIDTH = 30
+    REDRAW_SECONDS = 0.1
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        stream: TextIO,
+        *,
+        bar: bool,
+        lines: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label = label
+        self.total = max(0, total)
+        self.done = 0
+        self._stream = stream
+        self._bar = bar
+        self._lines = lines
+        self._clock = clock
+        self._last_draw = -1.0
+        self._last_tenth = 0
+        self._finished = False
+
+    def update(self, done: int, total: int | None = None) -> None:
+        """Record that ``done`` steps of ``total`` (default: the total so far) are done."""
+        if total is not None:
+            self.total = max(0, total)
+        self.done = done
+        if self._bar:
+            now = self._clock()
+            if now - self._last_draw >= self.REDRAW_SECONDS or done >= self.total:
+                self._last_draw = now
+                self._draw()
+        elif self._lines and self.total:
+            tenth = min(10, done * 10 // self.total)
+            if tenth > self._last_tenth:
+                self._last_tenth = tenth
+                self._stream.write(f"{self.label}: {done}/{self.total}\n")
+                self._stream.flush()
+
+    def finish(self) -> None:
+        """End the display: the bar gets its final state and a newline."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._bar:
+            self._draw()
+            self._stream.write("\n")
+        elif self._lines and self.total and self._last_tenth < 10:
+            self._stream.write(f"{self.label}: {self.done}/{self.total}\n")
+        self._stream.flush()
+
+    def _draw(self) -> None:
+        if self.total:
+            filled = min(self.WIDTH, self.WIDTH * self.done // self.total)
+            bar = "#" * filled + "-" * (self.WIDTH - filled)
+            text = f"\r{self.label} [{bar}] {self.done}/{self.total}"
+        else:
+            text = f"\r{self.label}: {self.done}"
+        self._stream.write(text)
+        self._stream.flush()

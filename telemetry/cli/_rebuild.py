@@ -1,0 +1,120 @@
+"""``telemetry rebuild``: rebuild the index from the journal."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from telemetry.cli._context import EXIT_OK, CommandContext, CommandError
+from telemetry.cli._output import Progress, print_json
+from telemetry.rebuild import RebuildResult, rebuild_index
+
+__all__ = ["register"]
+
+_PHASE_LABELS = {"read": "reading the journal", "write": "writing the index"}
+
+_EPILOG = """\
+example:
+  telemetry rebuild
+
+The journal is read whole, the runs it describes are written into a new index, and the
+new index replaces the old one, which is kept as telemetry.db.bak beside it. Runs whose
+status is the same in the old index keep their API sync state (posted or pending); the
+other runs are pending. Agents may keep running meanwhile.
+"""
+
+
+def register(commands: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``rebuild`` subcommand's parser to ``commands``."""
+    parser = commands.add_parser(
+        "rebuild",
+        parents=[common],
+        help="rebuild the index from the journal",
+        description=(
+            "Rebuild the SQLite index from the journal, for an index that is damaged, lost "
+            "or out of step with the journal. The old index is kept as a backup."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(handler=rebuild)
+
+
+def rebuild(args: argparse.Namespace, context: CommandContext) -> int:
+    """Rebuild the index with a progress display and print what was done."""
+    config = context.config
+    if not context.journal().files():
+        # An index rebuilt from nothing would replace the runs of the old one.
+        raise CommandError(
+            f"no journal files in {config.ndjson_dir}, so there is nothing to rebuild the "
+            "index from: pass --data-dir or set TELEMETRY_DATA_DIR to the store whose "
+            "journal to read"
+        )
+
+    progress = _PhaseProgress(context)
+    try:
+        result = rebuild_index(config.db_path, config.ndjson_dir, progress=progress)
+    finally:
+        progress.finish()
+
+    if args.json:
+        print_json(_as_json(result, context), context.out)
+    else:
+        _print_summary(result, context)
+    return EXIT_OK
+
+
+class _PhaseProgress:
+    """A progress display per phase of the rebuild: reading the journal, writing the index."""
+
+    def __init__(self, context: CommandContext) -> None:
+        self._context = context
+        self._phase: str | None = None
+        self._progress: Progress | None = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase != self._phase or self._progress is None:
+            self.finish()
+            self._phase = phase
+            self._progress = self._context.progress(_PHASE_LABELS.get(phase, phase), total)
+        self._progress.update(done, total)
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.finish()
+            self._progress = None
+
+
+def _print_summary(result: RebuildResult, context: CommandContext) -> None:
+    out = context.out
+    print(
+        f"Rebuilt the index {context.config.db_path} from {_plural(result.files, 'journal file')}: "
+        f"{_plural(result.runs, 'run')}, {_plural(result.corrupt_lines, 'unreadable line')} "
+        "skipped.",
+        file=out,
+    )
+    print(
+        f"Kept the API sync state of {_plural(result.kept_sync_state, 'run')} from the old index.",
+        file=out,
+    )
+    if result.backup_path is None:
+        print("There was no old index to keep.", file=out)
+    else:
+        print(f"The old index is kept at {result.backup_path}.", file=out)
+
+
+def _as_json(result: RebuildResult, context: CommandContext) -> dict[str, Any]:
+    return {
+        "db_path": str(context.config.db_path),
+        "journal_dir": str(context.config.ndjson_dir),
+        "runs": result.runs,
+        "files": result.files,
+        "corrupt_lines": result.corrupt_lines,
+        "kept_sync_state": result.kept_sync_state,
+        "backup_path": None if result.backup_path is None else str(result.backup_path),
+    }
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
