@@ -1,0 +1,604 @@
+"""Tests of the runs, show, stats, export and config subcommands, run as real subprocesses.
+
+Each test runs ``python -m telemetry`` against a store that the library wrote: runs
+recorded by a TelemetryClient, and runs loaded with DatabaseWriter.load_runs where a test
+needs exact times, durations or states.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import io
+import os
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from cli_support import run_cli, run_json
+
+from telemetry import TelemetryClient, TelemetryConfig
+from telemetry.database import DatabaseWriter
+from telemetry.models import RunRecord, get_iso8601_timestamp
+from telemetry.ndjson import NDJSONWriter
+
+RUN_FIELDS = [field.name for field in dataclasses.fields(RunRecord)]
+TOKEN = "tok-3c9f1e07a5b24d68"
+FORMULA = '=HYPERLINK("http://127.0.0.1/")'
+OLD_START = "2020-03-01T10:00:00.000000+00:00"
+
+
+def ago(**delta: float) -> str:
+    """Return the UTC time ``delta`` before now, as the index stores it."""
+    moment = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(**delta)
+    return get_iso8601_timestamp(moment)
+
+
+def loaded_run(run_id: str, agent: str, start: str, **fields: Any) -> RunRecord:
+    """Return a run of ``agent`` started at ``start``, with ``fields`` set."""
+    return RunRecord(run_id=run_id, agent_name=agent, job_type="batch", start_time=start, **fields)
+
+
+def timed_runs() -> list[RunRecord]:
+    """Return the runs of agent "timed": durations 10, 20, 30 and 40 ms, and one running."""
+    return [
+        loaded_run(
+            "timed-1", "timed", ago(hours=5), status="success", duration_ms=10,
+            items_succeeded=5, items_failed=1, api_posted=True,
+        ),
+        loaded_run(
+            "timed-2", "timed", ago(hours=4), status="success", duration_ms=20,
+            items_succeeded=5,
+        ),
+        loaded_run(
+            "timed-3", "timed", ago(hours=3), status="failed", duration_ms=30, items_failed=3,
+        ),
+        loaded_run(
+            "timed-4", "timed", ago(hours=2), status="partial", duration_ms=40,
+            items_succeeded=2, items_failed=2,
+        ),
+        loaded_run("timed-5", "timed", ago(hours=1), status="running"),
+    ]  # fmt: skip
+
+
+def old_runs() -> list[RunRecord]:
+    """Return two runs of agent "archive" that started in March 2020."""
+    return [
+        loaded_run("old-1", "archive", OLD_START, status="success", duration_ms=1000),
+        loaded_run(
+            "old-2", "archive", "2020-03-02T10:00:00.000000+00:00", status="failed",
+            duration_ms=2000,
+        ),
+    ]  # fmt: skip
+
+
+def record_client_runs(data_dir: Path) -> list[str]:
+    """Record three runs of "stdlib-audit" with a client; return their ids, oldest first."""
+    client = TelemetryClient(TelemetryConfig(data_dir=data_dir, api_url=None, environ={}))
+    run_ids = []
+    try:
+        for number, status in enumerate(("success", "failed", "success")):
+            run_id = client.start_run("stdlib-audit", "audit", items_discovered=3)
+            client.log_event(run_id, "file_checked", {"path": f"a{number}.py"})
+            client.log_event(run_id, "file_checked", {"path": f"b{number}.py"})
+            client.end_run(
+                run_id,
+                status,
+                items_succeeded=2,
+                items_failed=1,
+                metrics_json={"files": 3, "sizes": [10, 20]},
+                error_summary=FORMULA if status == "failed" else None,
+            )
+            run_ids.append(run_id)
+    finally:
+        client.close()
+    return run_ids
+
+
+def load(data_dir: Path, records: list[RunRecord]) -> None:
+    """Write ``records`` into the store's index with DatabaseWriter.load_runs."""
+    index = DatabaseWriter(data_dir / "telemetry.db")
+    try:
+        index.load_runs(records)
+    finally:
+        index.close()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Return a store with client runs, timed runs and old runs, and the client's run ids."""
+    data_dir = tmp_path_factory.mktemp("store")
+    run_ids = record_client_runs(data_dir)
+    load(data_dir, timed_runs() + old_runs())
+    return {"dir": data_dir, "audit_ids": run_ids}
+
+
+@pytest.fixture
+def corrupt_row_store(tmp_path: Path) -> Path:
+    """Return a store whose run "bad-1" has metrics_json text that is not JSON."""
+    load(tmp_path, [loaded_run("bad-1", "agent", OLD_START, status="success")])
+    with sqlite3.connect(tmp_path / "telemetry.db") as connection:
+        connection.execute("UPDATE agent_runs SET metrics_json = '{broken' WHERE run_id = 'bad-1'")
+    connection.close()
+    return tmp_path
+
+
+def run_ids_in(output: str) -> list[str]:
+    """Return the first column of a table's rows, without the header."""
+    return [line.split()[0] for line in output.splitlines()[1:] if line.strip()]
+
+
+def assert_one_line_error(stderr: str, *parts: str) -> None:
+    """Check that stderr is one line without a traceback, containing each of ``parts``."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+
+
+# -- runs -----------------------------------------------------------------------------------
+
+
+def test_runs_table_newest_first(store: dict[str, Any]) -> None:
+    """runs prints the runs as a table, newest start first, with the expected columns."""
+    result = run_cli("runs", "--limit", "100", data_dir=store["dir"])
+
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0].split()
+    assert header[:3] == ["RUN", "ID", "AGENT"]
+    assert "ITEMS" in header
+    listed_ids = run_ids_in(result.stdout)
+    audit = store["audit_ids"]
+    assert listed_ids[:3] == list(reversed(audit))
+    assert listed_ids[-2:] == ["old-2", "old-1"]
+
+
+def test_runs_row_cells(store: dict[str, Any]) -> None:
+    """A row shows agent, status, start, duration and items ok/failed of its run."""
+    result = run_cli("runs", "--agent", "timed", "--status", "failed", data_dir=store["dir"])
+
+    cells = result.stdout.splitlines()[1].split()
+    assert cells[:3] == ["timed-3", "timed", "failed"]
+    assert cells[-3:] == ["30", "ms", "0/3"]
+
+
+def test_runs_json_full_records(store: dict[str, Any]) -> None:
+    """runs --json prints a list of runs with every RunRecord field."""
+    runs = run_json("runs", "--agent", "stdlib-audit", data_dir=store["dir"])
+
+    assert [run["run_id"] for run in runs] == list(reversed(store["audit_ids"]))
+    assert list(runs[0]) == RUN_FIELDS
+    assert runs[0]["metrics_json"] == {"files": 3, "sizes": [10, 20]}
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--agent", "archive"], ["old-2", "old-1"]),
+        (["--status", "running"], ["timed-5"]),
+        (["--agent", "timed", "--since", "150m"], ["timed-5", "timed-4"]),
+        (["--until", "2021-01-01"], ["old-2", "old-1"]),
+        (["--since", "2020-03-02", "--until", "2020-03-03T00:00+00:00"], ["old-2"]),
+        (["--agent", "timed", "--limit", "2"], ["timed-5", "timed-4"]),
+    ],
+)
+def test_runs_filters(store: dict[str, Any], options: list[str], expected: list[str]) -> None:
+    """--agent, --status, --since, --until and --limit select the runs they name."""
+    runs = run_json("runs", *options, data_dir=store["dir"])
+
+    assert [run["run_id"] for run in runs] == expected
+
+
+def test_runs_limit_note(store: dict[str, Any]) -> None:
+    """When --limit cuts the list short, a note on stderr reports that more runs match."""
+    result = run_cli("runs", "--limit", "1", data_dir=store["dir"])
+
+    assert len(run_ids_in(result.stdout)) == 1
+    assert "raise --limit" in result.stderr
+
+
+def test_runs_no_match(store: dict[str, Any]) -> None:
+    """A filter that matches nothing prints "no runs match" and exits 0."""
+    result = run_cli("runs", "--agent", "nobody", data_dir=store["dir"])
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == "no runs match"
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--since", "abc"], "'abc'"),
+        (["--since", "9999-12-31T23:00-05:00"], "9999-12-31T23:00-05:00"),
+        (["--limit", "0"], "invalid count 0"),
+        (["--limit", "many"], "'many'"),
+        (["--status", "done"], "'done'"),
+    ],
+)
+def test_runs_usage_errors(store: dict[str, Any], options: list[str], named: str) -> None:
+    """A bad --since, --limit or --status exits 2 with one line naming the value."""
+    result = run_cli("runs", *options, data_dir=store["dir"])
+
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "telemetry runs:", named)
+
+
+def test_runs_missing_store(tmp_path: Path) -> None:
+    """A store without an index exits 1 with one line that names --data-dir."""
+    result = run_cli("runs", data_dir=tmp_path / "missing")
+
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "no index at", "--data-dir")
+
+
+def test_runs_corrupt_index(tmp_path: Path) -> None:
+    """An index file of random bytes exits 1 with one line that suggests rebuild."""
+    (tmp_path / "telemetry.db").write_bytes(os.urandom(4096))
+
+    result = run_cli("runs", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "cannot be read", "telemetry rebuild")
+
+
+def test_runs_corrupt_row(corrupt_row_store: Path) -> None:
+    """A row whose metrics_json is not JSON exits 1 with one line that suggests rebuild."""
+    result = run_cli("runs", data_dir=corrupt_row_store)
+
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "metrics_json", "telemetry rebuild")
+
+
+# -- show -----------------------------------------------------------------------------------
+
+
+def test_show_fields_and_events(store: dict[str, Any]) -> None:
+    """show prints the run's fields that have a value, its metrics and its events in order."""
+    run_id = store["audit_ids"][1]
+
+    result = run_cli("show", run_id, data_dir=store["dir"])
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["run_id", run_id]
+    assert "status            failed" in lines
+    assert not any(line.startswith("parent_run_id") for line in lines)
+    assert "metrics_json:" in lines
+    assert '    "files": 3,' in lines
+    event_lines = lines[lines.index("events (2):") + 1 :]
+    assert "file_checked" in event_lines[0]
+    assert '{"path":"a1.py"}' in event_lines[0]
+    assert '{"path":"b1.py"}' in event_lines[1]
+
+
+def test_show_json(store: dict[str, Any]) -> None:
+    """show --json prints the run as runs --json does, and its events in journal order."""
+    run_id = store["audit_ids"][0]
+    listed = run_json("runs", "--agent", "stdlib-audit", data_dir=store["dir"])
+
+    report = run_json("show", run_id, data_dir=store["dir"])
+
+    assert report["run"] == next(run for run in listed if run["run_id"] == run_id)
+    assert [event["payload"]["path"] for event in report["events"]] == ["a0.py", "b0.py"]
+    assert {event["record_type"] for event in report["events"]} == {"event"}
+
+
+def test_show_unknown_run(store: dict[str, Any]) -> None:
+    """An unknown run id exits 1 with one line naming the id and suggesting runs."""
+    result = run_cli("show", "20260101T000000000000Z-nobody-0", data_dir=store["dir"])
+
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "20260101T000000000000Z-nobody-0", "telemetry runs")
+
+
+def test_show_run_across_midnight(tmp_path: Path) -> None:
+    """A run over midnight shows the events of both days, and no other file is read."""
+    start = "2026-01-01T23:59:58.000000+00:00"
+    end = "2026-01-02T00:00:02.000000+00:00"
+    run = loaded_run("night-1", "night", start, status="success", end_time=end, duration_ms=4000)
+    load(tmp_path, [run])
+    journal = NDJSONWriter(tmp_path / "journal", durability="none")
+    try:
+        journal.append("run_start", loaded_run("night-1", "night", start).to_dict())
+        for stamp, step in ((start, "before"), (end, "after")):
+            event = {"run_id": "night-1", "event_type": step, "timestamp": stamp, "payload": {}}
+            journal.append("event", event)
+        journal.append("run_end", run.to_dict())
+    finally:
+        journal.close()
+    # Files outside the run's days with unreadable lines: reading them would log a warning.
+    for date in ("20251231", "20260103"):
+        (tmp_path / "journal" / f"events_{date}.ndjson").write_text("not json\n")
+
+    result = run_cli("show", "night-1", "--json", data_dir=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    events = orjson.loads(result.stdout)["events"]
+    assert [event["event_type"] for event in events] == ["before", "after"]
+    assert "corrupt" not in result.stderr
+
+
+# -- stats ----------------------------------------------------------------------------------
+
+
+def test_stats_numbers(store: dict[str, Any]) -> None:
+    """stats --json counts runs, success rate, percentiles, items, pending and running."""
+    stats = run_json("stats", data_dir=store["dir"])
+
+    timed = stats["by_agent"]["timed"]
+    assert timed["runs"] == 5
+    assert timed["running"] == 1
+    assert timed["success_rate"] == 0.5
+    assert timed["p50_duration_ms"] == 20
+    assert timed["p95_duration_ms"] == 40
+    assert timed["items_processed"] == 18
+    assert timed["pending_api_posts"] == 3
+
+
+def test_stats_default_window(store: dict[str, Any]) -> None:
+    """Without --since, stats counts the last 7 days and leaves older runs out."""
+    stats = run_json("stats", data_dir=store["dir"])
+
+    assert set(stats["by_agent"]) == {"stdlib-audit", "timed"}
+    assert stats["total_runs"] == 8
+    since = datetime.datetime.fromisoformat(stats["since"])
+    age = datetime.datetime.now(datetime.timezone.utc) - since
+    assert datetime.timedelta(days=6, hours=23) < age < datetime.timedelta(days=7, hours=1)
+
+
+def test_stats_all_and_agent(store: dict[str, Any]) -> None:
+    """--all counts every run, and --agent keeps one agent and its totals."""
+    stats = run_json("stats", "--all", "--agent", "archive", data_dir=store["dir"])
+
+    assert list(stats["by_agent"]) == ["archive"]
+    assert stats["since"] is None
+    assert stats["total_runs"] == 2
+    assert stats["success_rate"] == 0.5
+
+
+def test_stats_table(store: dict[str, Any]) -> None:
+    """The table names the window, has a row per agent and a total row."""
+    result = run_cli("stats", data_dir=store["dir"])
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "the last 7d" in lines[0]
+    rows = {line.split()[0]: line.split() for line in lines[3:] if line.strip()}
+    assert rows["timed"][1:4] == ["5", "50%", "(2/4)"]
+    assert rows["total"][1] == "8"
+    assert "API posting is off" in result.stdout
+
+
+def test_stats_since_excludes(store: dict[str, Any]) -> None:
+    """--since 150m counts only the runs that started in the last 150 minutes."""
+    result = run_cli("stats", "--since", "150m", "--agent", "timed", data_dir=store["dir"])
+
+    row = result.stdout.splitlines()[3].split()
+    assert row[:2] == ["timed", "2"]
+
+
+def test_stats_empty_window(store: dict[str, Any]) -> None:
+    """A window without runs prints "no runs that started since ..." and exits 0."""
+    result = run_cli("stats", "--since", "2999-01-01", data_dir=store["dir"])
+
+    assert result.returncode == 0
+    assert result.stdout.startswith("no runs that started since 2999-01-01")
+
+
+def test_stats_since_and_all(store: dict[str, Any]) -> None:
+    """--since and --all together are a usage error."""
+    result = run_cli("stats", "--since", "1d", "--all", data_dir=store["dir"])
+
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "--all")
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+def test_export_ndjson_stdout(store: dict[str, Any]) -> None:
+    """export writes one JSON object per run, the same records as runs --json."""
+    listed = run_json("runs", "--limit", "1000", data_dir=store["dir"])
+
+    result = run_cli("export", data_dir=store["dir"])
+
+    assert result.returncode == 0, result.stderr
+    exported = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert exported == listed
+
+
+def test_export_csv_file(store: dict[str, Any], tmp_path: Path) -> None:
+    """--output runs.csv writes CSV with a header of the fields, privately, with no temp file."""
+    target = tmp_path / "runs.csv"
+
+    result = run_cli("export", "--agent", "stdlib-audit", "--output", target, data_dir=store["dir"])
+
+    assert result.returncode == 0, result.stderr
+    assert "exported 3 runs" in result.stderr
+    assert os.listdir(tmp_path) == ["runs.csv"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    rows = list(csv.DictReader(io.StringIO(target.read_text(encoding="utf-8"), newline="")))
+    assert list(rows[0]) == RUN_FIELDS
+    assert [row["run_id"] for row in rows] == list(reversed(store["audit_ids"]))
+    failed = rows[1]
+    assert orjson.loads(failed["metrics_json"]) == {"files": 3, "sizes": [10, 20]}
+    assert failed["api_posted"] == "false"
+    assert failed["parent_run_id"] == ""
+    assert failed["error_summary"] == "'" + FORMULA
+
+
+def test_export_allow_formulas(store: dict[str, Any]) -> None:
+    """--allow-formulas writes a text cell that starts with = unchanged."""
+    result = run_cli(
+        "export", "--format", "csv", "--status", "failed", "--agent", "stdlib-audit",
+        "--allow-formulas", data_dir=store["dir"],
+    )  # fmt: skip
+
+    rows = list(csv.DictReader(io.StringIO(result.stdout, newline="")))
+    assert rows[0]["error_summary"] == FORMULA
+
+
+def test_export_json_is_ndjson(store: dict[str, Any], tmp_path: Path) -> None:
+    """--json writes NDJSON even to a file named .csv, and --limit caps the runs."""
+    target = tmp_path / "runs.csv"
+
+    result = run_cli(
+        "export", "--agent", "timed", "--json", "--limit", "2", "-o", target,
+        data_dir=store["dir"],
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    lines = target.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+    assert [orjson.loads(line)["run_id"] for line in lines] == ["timed-5", "timed-4"]
+
+
+def test_export_json_with_csv(store: dict[str, Any]) -> None:
+    """--json together with --format csv is a usage error."""
+    result = run_cli("export", "--json", "--format", "csv", data_dir=store["dir"])
+
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "--json", "--format")
+
+
+def test_export_missing_directory(store: dict[str, Any], tmp_path: Path) -> None:
+    """An --output in a missing directory exits 1 with one line naming the file."""
+    target = tmp_path / "missing" / "runs.csv"
+
+    result = run_cli("export", "-o", target, data_dir=store["dir"])
+
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, str(target))
+
+
+def test_export_failure_keeps_file(corrupt_row_store: Path, tmp_path: Path) -> None:
+    """A failed export leaves the existing --output file as it was, and no temporary file."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "runs.ndjson"
+    target.write_text("previous export\n")
+
+    result = run_cli("export", "-o", target, data_dir=corrupt_row_store)
+
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "telemetry rebuild")
+    assert target.read_text() == "previous export\n"
+    assert os.listdir(out_dir) == ["runs.ndjson"]
+
+
+def test_export_through_symlink(store: dict[str, Any], tmp_path: Path) -> None:
+    """An --output that is a symbolic link stays a link, to a file with the export."""
+    target = tmp_path / "exports" / "runs.ndjson"
+    target.parent.mkdir()
+    link = tmp_path / "latest.ndjson"
+    link.symlink_to(target)
+
+    result = run_cli("export", "--agent", "archive", "-o", link, data_dir=store["dir"])
+
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink()
+    assert len(target.read_text(encoding="utf-8").splitlines()) == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_export_to_named_pipe(store: dict[str, Any], tmp_path: Path) -> None:
+    """An --output that is a named pipe is written directly, not replaced by a file."""
+    pipe = tmp_path / "runs.pipe"
+    os.mkfifo(pipe)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+
+    result = run_cli("export", "--agent", "archive", "-o", pipe, data_dir=store["dir"])
+    reader.join(timeout=30)
+
+    assert result.returncode == 0, result.stderr
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    assert len(received[0].splitlines()) == 2
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+def test_config_sources(tmp_path: Path) -> None:
+    """config shows each setting's value, source and variable, with the token masked."""
+    environment = {"TELEMETRY_API_TOKEN": TOKEN, "TELEMETRY_TIMEOUT": "4.5"}
+
+    result = run_cli("config", data_dir=tmp_path, env=environment)
+
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert rows["data_dir"] == ["data_dir", str(tmp_path), "argument", "TELEMETRY_DATA_DIR"]
+    assert rows["timeout"] == ["timeout", "4.5", "environment", "TELEMETRY_TIMEOUT"]
+    assert rows["max_retries"] == ["max_retries", "3", "default", "TELEMETRY_MAX_RETRIES"]
+    assert rows["api_token"][1] == "***"
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_config_json(tmp_path: Path) -> None:
+    """config --json lists the settings, masks the token and any URL password."""
+    environment = {
+        "TELEMETRY_API_TOKEN": TOKEN,
+        "TELEMETRY_API_URL": f"http://user:{TOKEN}@127.0.0.1:9/runs",
+    }
+
+    result = run_cli("config", "--json", data_dir=tmp_path, env=environment)
+
+    assert result.returncode == 0, result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+    settings = {item["name"]: item for item in orjson.loads(result.stdout)["settings"]}
+    assert settings["api_token"]["value"] == "***"
+    assert settings["api_url"]["value"] == "http://user:***@127.0.0.1:9/runs"
+    assert settings["data_dir"]["value"] == str(tmp_path)
+    assert settings["api_url"]["source"] == "environment"
+
+
+def test_config_invalid_variables(tmp_path: Path) -> None:
+    """Invalid variables are listed with "default used" and exit 1; unknown ones are named."""
+    environment = {
+        "TELEMETRY_MAX_RETRIES": "lots",
+        "TELEMETRY_API_TOKEN": TOKEN + " with spaces",
+        "TELEMETRY_DATADIR": "/typo",
+    }
+
+    result = run_cli("config", data_dir=tmp_path, env=environment)
+
+    assert result.returncode == 1
+    assert "invalid TELEMETRY_MAX_RETRIES='lots': expected an integer; default used" in (
+        result.stdout
+    )
+    assert "invalid TELEMETRY_API_TOKEN='***'" in result.stdout
+    assert "TELEMETRY_DATADIR" in result.stdout
+    assert TOKEN not in result.stdout + result.stderr
+    assert result.stderr == ""
+
+
+def test_config_invalid_json(tmp_path: Path) -> None:
+    """config --json reports invalid and unknown variables, and exits 1."""
+    environment = {"TELEMETRY_DURABILITY": "sometimes", "TELEMETRY_DATADIR": "/typo"}
+
+    result = run_cli("config", "--json", data_dir=tmp_path, env=environment)
+
+    assert result.returncode == 1
+    report = orjson.loads(result.stdout)
+    assert [item["variable"] for item in report["invalid_variables"]] == ["TELEMETRY_DURABILITY"]
+    assert report["unknown_variables"] == ["TELEMETRY_DATADIR"]
+
+
+# -- help -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["runs", "show", "stats", "export", "config"])
+def test_help_has_example(command: str) -> None:
+    """Each subcommand's --help has a description and an example."""
+    result = run_cli(command, "--help")
+
+    assert result.returncode == 0
+    assert "example" in result.stdout
+    assert f"telemetry {command}" in result.stdout.split("example")[-1]
