@@ -1,0 +1,433 @@
+"""``telemetry flush`` and ``telemetry check``, run in subprocesses on stores of the library."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pty
+import select
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from cli_support import command_environment, run_cli, run_json
+from http_server import ScriptedServer
+
+from telemetry import TelemetryClient, TelemetryConfig
+from telemetry.cli import _check, main
+from telemetry.database import DatabaseWriter
+from telemetry.journal import JournalReader
+from telemetry.models import RunRecord, generate_run_id, get_iso8601_timestamp
+from telemetry.ndjson import NDJSONWriter
+
+TOKEN = "tok-3f9a2c1b7d4e5a60-secret"
+WAIT_SECONDS = 20.0
+
+# Starts a run through the real client, prints its run id, then waits to be killed.
+RUN_FOREVER_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from telemetry import TelemetryClient, TelemetryConfig
+
+    client = TelemetryClient(TelemetryConfig(data_dir=sys.argv[1], environ={}))
+    run_id = client.start_run("doomed-agent", "test")
+    print(run_id, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def make_client(data_dir: Path, **settings: Any) -> TelemetryClient:
+    """Return a client of the store in ``data_dir`` that ignores the environment."""
+    return TelemetryClient(TelemetryConfig(data_dir=data_dir, environ={}, **settings))
+
+
+def record_runs(data_dir: Path, count: int, agent_name: str = "batch-agent") -> list[str]:
+    """Record ``count`` ended runs with one event each, and return their ids."""
+    run_ids = []
+    with make_client(data_dir) as client:
+        for number in range(count):
+            run_id = client.start_run(agent_name, "test")
+            client.log_event(run_id, "item_done", {"number": number})
+            client.end_run(run_id, "success", items_succeeded=number)
+            run_ids.append(run_id)
+    return run_ids
+
+
+def api_env(server: ScriptedServer, **extra: str) -> dict[str, str]:
+    """Return the variables that point the command at ``server``, with the token."""
+    return {"TELEMETRY_API_URL": server.url, "TELEMETRY_API_TOKEN": TOKEN, **extra}
+
+
+def pending_posts(data_dir: Path) -> int:
+    with DatabaseWriter(data_dir / "telemetry.db") as index:
+        return int(index.get_run_stats()["pending_api_posts"])
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr
+
+
+# -- flush ------------------------------------------------------------------------------------
+
+
+def test_flush_posts_pending(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """Every pending run is posted, and the summary counts them."""
+    run_ids = record_runs(tmp_path, 3)
+
+    result = run_cli("flush", data_dir=tmp_path, env=api_env(api_server))
+    posted_ids = {request.json()["run_id"] for request in api_server.requests}
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "posted 3, failed 0, still pending 0"
+    assert posted_ids == set(run_ids)
+    assert pending_posts(tmp_path) == 0
+    assert_no_traceback(result)
+
+
+def test_flush_json_and_limit(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """--limit posts only the oldest runs, and --json prints the summary as an object."""
+    run_ids = record_runs(tmp_path, 3)
+
+    summary = run_json("flush", "--limit", "2", data_dir=tmp_path, env=api_env(api_server))
+    posted_ids = [request.json()["run_id"] for request in api_server.requests]
+
+    assert summary == {"posted": 2, "failed": 0, "not_tried": 0, "still_pending": 1}
+    assert posted_ids == run_ids[:2]
+
+
+def test_flush_server_error(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """Posts that get a 500 response count as failed, exit 1, and the token is not shown."""
+    record_runs(tmp_path, 2)
+    api_server.respond(500, body=f'{{"error": "token {TOKEN} rejected"}}'.encode(), times=10)
+    env = api_env(api_server, TELEMETRY_MAX_RETRIES="0")
+
+    result = run_cli("flush", data_dir=tmp_path, env=env)
+
+    assert result.returncode == 1
+    assert "posted 0, failed 2, still pending 2" in result.stdout
+    assert TOKEN not in result.stdout
+    assert TOKEN not in result.stderr
+    assert_no_traceback(result)
+
+
+def test_flush_sends_token_unprinted(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """The token goes to the API in the Authorization header, and never to the output."""
+    record_runs(tmp_path, 1)
+
+    result = run_cli("flush", "--json", data_dir=tmp_path, env=api_env(api_server))
+
+    assert api_server.requests[0].headers["authorization"] == f"Bearer {TOKEN}"
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_flush_timeout_leaves_runs(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """No post starts after --timeout: the runs not tried stay pending, and exit is 1."""
+    record_runs(tmp_path, 2)
+    api_server.hang()
+    env = api_env(api_server, TELEMETRY_MAX_RETRIES="0")
+
+    result = run_cli("flush", "--timeout", "0.5", "--json", data_dir=tmp_path, env=env)
+    summary = orjson.loads(result.stdout)
+
+    assert result.returncode == 1
+    assert summary == {"posted": 0, "failed": 1, "not_tried": 1, "still_pending": 2}
+    assert_no_traceback(result)
+
+
+def test_flush_without_api_url(tmp_path: Path) -> None:
+    """Without TELEMETRY_API_URL, flush exits 1 with one line that names the variable."""
+    record_runs(tmp_path, 1)
+
+    result = run_cli("flush", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert "TELEMETRY_API_URL is not set" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_flush_nothing_pending(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """With nothing pending, flush posts nothing and exits 0."""
+    with make_client(tmp_path) as client:
+        client.start_run("still-running", "test")
+        result = run_cli("flush", data_dir=tmp_path, env=api_env(api_server))
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == "posted 0, failed 0, still pending 0"
+    assert api_server.requests == []
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "soon", "nan"])
+def test_flush_invalid_timeout(tmp_path: Path, timeout: str) -> None:
+    """A --timeout that is not a positive duration is a usage error."""
+    result = run_cli("flush", "--timeout", timeout, data_dir=tmp_path)
+
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+
+
+def run_in_terminal(
+    args: list[str], env: dict[str, str], timeout: float = WAIT_SECONDS
+) -> tuple[int, str]:
+    """Run ``python -m telemetry ARGS`` on a pseudo-terminal; return its exit code and output."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "telemetry", *args],
+        env=command_environment(env),
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], deadline - time.monotonic())
+            if not ready:
+                continue
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO on Linux: the process closed its end of the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        code = process.wait(WAIT_SECONDS)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(WAIT_SECONDS)
+        os.close(controller)
+    return code, output.decode("utf-8", "replace")
+
+
+def test_flush_progress_bar_on_terminal(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """On a terminal, flush redraws a progress bar in place with carriage returns."""
+    record_runs(tmp_path, 3)
+
+    code, output = run_in_terminal(["flush", "--data-dir", str(tmp_path)], env=api_env(api_server))
+
+    assert code == 0, output
+    assert "\rposting [" in output
+    assert "] 3/3" in output
+    assert "posted 3, failed 0, still pending 0" in output
+    assert TOKEN not in output
+
+
+def test_flush_plain_progress_off_terminal(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """Off a terminal, progress is plain lines without carriage returns."""
+    record_runs(tmp_path, 2)
+
+    result = run_cli("flush", data_dir=tmp_path, env=api_env(api_server))
+
+    assert "posting: 2/2" in result.stderr.splitlines()
+    assert "\r" not in result.stderr
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+def read_line_from(process: subprocess.Popen[bytes]) -> str:
+    """Return the first line ``process`` prints, or fail after WAIT_SECONDS."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], WAIT_SECONDS)
+    assert ready, f"no output from the process in {WAIT_SECONDS} s"
+    line = process.stdout.readline().decode("utf-8").strip()
+    assert line, "the process ended without printing a line"
+    return line
+
+
+def test_check_clean_store(tmp_path: Path) -> None:
+    """A store written by the client alone passes every check with exit 0."""
+    record_runs(tmp_path, 2)
+
+    result = run_cli("check", data_dir=tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == "No problems found."
+    assert "Index integrity: ok" in result.stdout
+    assert_no_traceback(result)
+
+
+def test_check_stale_run_of_killed_process(tmp_path: Path) -> None:
+    """A run whose process died of SIGKILL is stale, and --repair ends it as abandoned."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", RUN_FOREVER_SCRIPT, str(tmp_path)],
+        env=command_environment(),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        run_id = read_line_from(process)
+    finally:
+        process.kill()
+        process.wait(WAIT_SECONDS)
+        if process.stdout is not None:
+            process.stdout.close()
+
+    found = run_cli("check", data_dir=tmp_path)
+    repaired = run_cli("check", "--repair", data_dir=tmp_path)
+    again = run_cli("check", data_dir=tmp_path)
+    with DatabaseWriter(tmp_path / "telemetry.db") as index:
+        row = index.get_run(run_id)
+    assert row is not None
+    journal = JournalReader(tmp_path / "journal").run_records(run_id, row.start_time)
+
+    assert found.returncode == 1
+    assert "Stale runs (running, with the process gone or for longer than 24h): 1" in found.stdout
+    assert run_id in found.stdout
+    assert "telemetry check --repair" in found.stdout
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "Marked 1 stale run abandoned." in repaired.stdout
+    assert row.status == "abandoned"
+    assert f"process {process.pid}" in (row.error_summary or "")
+    assert journal[-1]["record_type"] == "run_end"
+    assert journal[-1]["status"] == "abandoned"
+    assert again.returncode == 0, again.stdout
+    assert again.stdout.splitlines()[-1] == "No problems found."
+    for result in (found, repaired, again):
+        assert_no_traceback(result)
+
+
+def make_record(agent_name: str, start: datetime.datetime, **fields: Any) -> RunRecord:
+    """Return a record of a run that started at ``start``, as the client would write it."""
+    started = get_iso8601_timestamp(start)
+    return RunRecord(
+        run_id=generate_run_id(agent_name),
+        agent_name=agent_name,
+        job_type="test",
+        start_time=started,
+        created_at=started,
+        updated_at=started,
+        **fields,
+    )
+
+
+def write_journal(data_dir: Path, record_type: str, record: RunRecord) -> None:
+    writer = NDJSONWriter(data_dir / "journal")
+    try:
+        writer.append(record_type, record.to_dict())
+    finally:
+        writer.close()
+
+
+def write_index(data_dir: Path, record: RunRecord) -> None:
+    with DatabaseWriter(data_dir / "telemetry.db") as index:
+        index.load_runs([record])
+
+
+def record_old_running_run(data_dir: Path, hours_ago: int, hostname: str) -> RunRecord:
+    """Journal and index a run of another host that started ``hours_ago`` and still runs."""
+    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=hours_ago)
+    record = make_record("remote-agent", start, hostname=hostname, pid=4242)
+    write_journal(data_dir, "run_start", record)
+    write_index(data_dir, record)
+    return record
+
+
+def test_check_stale_after(tmp_path: Path) -> None:
+    """A run of another host is stale when it runs longer than --stale-after, not before."""
+    old = record_old_running_run(tmp_path, hours_ago=30, hostname="elsewhere-host")
+    record_old_running_run(tmp_path, hours_ago=2, hostname="elsewhere-host")
+
+    default = run_json_allowing_problems("check", data_dir=tmp_path)
+    longer = run_cli("check", "--stale-after", "2d", data_dir=tmp_path)
+
+    assert [stale["run_id"] for stale in default["stale_runs"]] == [old.run_id]
+    assert default["stale_runs"][0]["hostname"] == "elsewhere-host"
+    assert default["stale_after_seconds"] == 86400
+    assert default["ok"] is False
+    assert longer.returncode == 0, longer.stdout
+
+
+def run_json_allowing_problems(*args: str, data_dir: Path) -> Any:
+    """Run the command with --json, expecting exit 1, and return the parsed output."""
+    result = run_cli(*args, "--json", data_dir=data_dir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    return orjson.loads(result.stdout)
+
+
+def test_check_unreadable_lines(tmp_path: Path) -> None:
+    """Unreadable journal lines are counted per file, reported once, with exit 1."""
+    record_runs(tmp_path, 1)
+    journal_file = next((tmp_path / "journal").iterdir())
+    with open(journal_file, "ab") as file:
+        file.write(b"{not json\n\x00\x01garbage\n")
+
+    result = run_cli("check", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert "Unreadable journal lines: 2 in 1 file" in result.stdout
+    assert f"  {journal_file}: 2" in result.stdout.splitlines()
+    assert "WARNING" not in result.stderr
+    assert_no_traceback(result)
+
+
+def test_check_index_and_journal_differ(tmp_path: Path) -> None:
+    """Runs missing on either side, and status disagreements, are listed by run id."""
+    _, changed = record_runs(tmp_path, 2)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    index_only = make_record("index-agent", now, hostname="elsewhere-host")
+    journal_only = make_record("journal-agent", now, hostname="elsewhere-host")
+    write_index(tmp_path, index_only)
+    write_journal(tmp_path, "run_start", journal_only)
+    with DatabaseWriter(tmp_path / "telemetry.db") as index:
+        index.update_run(changed, status="failed")
+
+    report = run_json_allowing_problems("check", data_dir=tmp_path)
+    text = run_cli("check", data_dir=tmp_path)
+
+    assert report["index_only"] == [index_only.run_id]
+    assert report["journal_only"] == [journal_only.run_id]
+    assert report["status_differs"] == [
+        {"run_id": changed, "index_status": "failed", "journal_status": "success"}
+    ]
+    assert report["problems"] == 3
+    assert text.returncode == 1
+    assert "telemetry rebuild" in text.stdout.splitlines()[-1]
+
+
+def test_check_ignores_changes_during_check(tmp_path: Path) -> None:
+    """A run started or ended between the two index readings is not a finding."""
+    started_meanwhile, ended_meanwhile = record_runs(tmp_path, 2)
+    journal = JournalReader(tmp_path / "journal").fold_runs()
+    with DatabaseWriter(tmp_path / "telemetry.db") as index:
+        # The first reading, as it was before one run started and another ended.
+        statuses_before = index.run_statuses()
+        del statuses_before[started_meanwhile]
+        statuses_before[ended_meanwhile] = "running"
+
+        consistency = _check._compare(statuses_before, journal, index)
+
+    assert consistency.index_only == []
+    assert consistency.journal_only == []
+    assert consistency.status_differs == []
+
+
+def test_check_unreadable_index(tmp_path: Path) -> None:
+    """An index that is not a database is reported, with the advice to rebuild it."""
+    record_runs(tmp_path, 1)
+    (tmp_path / "telemetry.db").write_bytes(b"this is not a database" * 100)
+
+    result = run_cli("check", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert "Index integrity: failed" in result.stdout
+    assert "telemetry rebuild" in result.stdout
+    assert_no_traceback(result)
+
+
+@pytest.mark.parametrize("command", ["tail", "flush", "check", "rebuild", "prune"])
+def test_help_has_example(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """Each subcommand's --help describes it and shows an example."""
+    code = main([command, "--help"])
+    output = capsys.readouterr().out
+
+    assert code == 0
+    assert f"telemetry {command}" in output
+    assert "example" in output
