@@ -40,8 +40,8 @@ def demo(session: nox.Session) -> None:
     """Run the standard library audit agent, then show what it recorded."""
     session.install("-e", ".")
     session.run("python", "examples/stdlib_audit.py", *session.posargs)
-    session.run("telemetry", "runs", "--limit", "5")
-    session.run("telemetry", "stats")
+    session.run("telemetry", "runs", "--agent", "stdlib-audit", "--limit", "5")
+    session.run("telemetry", "stats", "--agent", "stdlib-audit")
 
 
 @nox.session
