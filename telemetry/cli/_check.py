@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from telemetry.cli._args import parse_duration
 from telemetry.cli._context import EXIT_OK, EXIT_PROBLEM, CommandContext, CommandError
-from telemetry.cli._output import format_time, print_json
+from telemetry.cli._output import format_time, plural, print_json
 from telemetry.database import DatabaseWriter
 from telemetry.journal import JournalRuns
 from telemetry.rebuild import Consistency, compare_index_with_journal
@@ -202,7 +202,7 @@ def _print_report(findings: _Findings, args: argparse.Namespace, context: Comman
     corrupt_total = sum(findings.corrupt_lines.values())
     _print_section(
         out,
-        f"Unreadable journal lines: {corrupt_total} in {_plural(findings.journal_files, 'file')} "
+        f"Unreadable journal lines: {corrupt_total} in {plural(findings.journal_files, 'file')} "
         f"({config.ndjson_dir})",
         [f"{path}: {count}" for path, count in sorted(findings.corrupt_lines.items())],
     )
@@ -235,7 +235,7 @@ def _print_report(findings: _Findings, args: argparse.Namespace, context: Comman
         )
 
     if findings.repaired is not None:
-        print(f"Marked {_plural(findings.repaired, 'stale run')} abandoned.", file=out)
+        print(f"Marked {plural(findings.repaired, 'stale run')} abandoned.", file=out)
     print(_verdict(findings), file=out)
 
 
@@ -283,7 +283,7 @@ def _verdict(findings: _Findings) -> str:
         advice.append("run 'telemetry check --repair' to end the stale runs as abandoned")
     if findings.corrupt_lines:
         advice.append("readers skip the unreadable journal lines and read the rest of each file")
-    verdict = f"Found {_plural(problems, 'problem')}"
+    verdict = f"Found {plural(problems, 'problem')}"
     if findings.repaired:
         verdict += f", {remaining} left after the repair"
     return f"{verdict}: {'; '.join(advice)}." if advice else f"{verdict}."
@@ -296,10 +296,6 @@ def _format_span(duration: datetime.timedelta) -> str:
         if seconds % size == 0 and (seconds >= 2 * size or unit == "m"):
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _as_json(findings: _Findings, args: argparse.Namespace, context: CommandContext) -> Any:

@@ -10,8 +10,10 @@ import orjson
 
 __all__ = [
     "Progress",
+    "format_bytes",
     "format_duration",
     "format_time",
+    "plural",
     "print_json",
     "print_table",
 ]
@@ -49,6 +51,23 @@ def format_time(timestamp: str | None) -> str:
     if not timestamp:
         return "-"
     return timestamp[:19].replace("T", " ")
+
+
+def format_bytes(size: int) -> str:
+    """Return a size in bytes for people: ``512 B``, ``4.1 KiB``, ``12.0 MiB``, ``1.2 GiB``."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def plural(count: int, noun: str) -> str:
+    """Return ``count`` with ``noun``, adding an ``s`` unless the count is 1: ``3 runs``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class Progress:

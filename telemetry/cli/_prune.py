@@ -8,7 +8,7 @@ from typing import Any
 
 from telemetry.cli._args import parse_duration
 from telemetry.cli._context import EXIT_OK, CommandContext, UsageError
-from telemetry.cli._output import print_json
+from telemetry.cli._output import format_bytes, plural, print_json
 from telemetry.retention import MIN_OLDER_THAN, PrunePlan, PruneResult, plan_prune, prune
 
 __all__ = ["register"]
@@ -88,17 +88,17 @@ def _print_report(
 
     if dry_run:
         print(
-            f"Would delete {_plural(len(plan.files), 'journal file')} "
-            f"({format_bytes(plan.bytes)}) and {_plural(plan.runs, 'index row')} older than "
+            f"Would delete {plural(len(plan.files), 'journal file')} "
+            f"({format_bytes(plan.bytes)}) and {plural(plan.runs, 'index row')} older than "
             f"{cutoff}:",
             file=out,
         )
     else:
         assert result is not None
         print(
-            f"Deleted {_plural(result.files_deleted, 'journal file')} "
+            f"Deleted {plural(result.files_deleted, 'journal file')} "
             f"({format_bytes(result.bytes_deleted)}) and "
-            f"{_plural(result.runs_deleted, 'index row')} older than {cutoff}:",
+            f"{plural(result.runs_deleted, 'index row')} older than {cutoff}:",
             file=out,
         )
     for journal_file in plan.files:
@@ -128,25 +128,9 @@ def _as_json(plan: PrunePlan, result: PruneResult | None, dry_run: bool) -> dict
     return report
 
 
-def format_bytes(size: int) -> str:
-    """Return a size in bytes for people: ``512 B``, ``4.1 KiB``, ``12.0 MiB``."""
-    if size < 1024:
-        return f"{size} B"
-    value = size / 1024
-    for unit in ("KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
 def _format_cutoff(cutoff: datetime.datetime) -> str:
     utc = cutoff.astimezone(datetime.timezone.utc)
     return f"{utc.date().isoformat()} {utc:%H:%M} UTC"
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _parse_age(text: str) -> datetime.timedelta:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError
-from telemetry.cli._output import Progress, print_json
+from telemetry.cli._output import Progress, plural, print_json
 from telemetry.rebuild import RebuildResult, rebuild_index
 
 __all__ = ["register"]
@@ -89,13 +89,13 @@ class _PhaseProgress:
 def _print_summary(result: RebuildResult, context: CommandContext) -> None:
     out = context.out
     print(
-        f"Rebuilt the index {context.config.db_path} from {_plural(result.files, 'journal file')}: "
-        f"{_plural(result.runs, 'run')}, {_plural(result.corrupt_lines, 'unreadable line')} "
+        f"Rebuilt the index {context.config.db_path} from {plural(result.files, 'journal file')}: "
+        f"{plural(result.runs, 'run')}, {plural(result.corrupt_lines, 'unreadable line')} "
         "skipped.",
         file=out,
     )
     print(
-        f"Kept the API sync state of {_plural(result.kept_sync_state, 'run')} from the old index.",
+        f"Kept the API sync state of {plural(result.kept_sync_state, 'run')} from the old index.",
         file=out,
     )
     if result.backup_path is None:
@@ -114,7 +114,3 @@ def _as_json(result: RebuildResult, context: CommandContext) -> dict[str, Any]:
         "kept_sync_state": result.kept_sync_state,
         "backup_path": None if result.backup_path is None else str(result.backup_path),
     }
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
