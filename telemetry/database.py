@@ -149,6 +149,28 @@ def _run_filters(
     return clauses, parameters
 
 
+def _age_filters(
+    started_before: str | None, ended_before: str | None
+) -> tuple[list[str], list[Any]]:
+    """Return the WHERE clauses and parameters for count_runs and delete_runs.
+
+    A run without an end_time matches ``ended_before``: it is still running, or its end
+    never reached the index.
+
+    Raises:
+        ValueError: ``started_before`` or ``ended_before`` is not ISO 8601 with an offset.
+    """
+    clauses: list[str] = []
+    parameters: list[Any] = []
+    if started_before is not None:
+        clauses.append("start_time < ?")
+        parameters.append(_normalise_timestamp("started_before", started_before))
+    if ended_before is not None:
+        clauses.append("(end_time IS NULL OR end_time < ?)")
+        parameters.append(_normalise_timestamp("ended_before", ended_before))
+    return clauses, parameters
+
+
 def _stats_source(connection: sqlite3.Connection, since: str | None) -> str:
     """Return the FROM clause of get_run_stats's queries over the runs started since ``since``.
 
@@ -435,18 +457,34 @@ class DatabaseWriter:
 
         self._write("upsert_run", record.run_id, upsert)
 
-    def update_run(self, run_id: str, **fields: Any) -> bool:
-        """Set the given columns of run ``run_id`` and return whether the run exists.
+    def update_run(self, run_id: str, *, if_status: str | None = None, **fields: Any) -> bool:
+        """Set the given columns of run ``run_id`` and return whether a row was updated.
 
         Field names are those of RunRecord other than run_id. updated_at is set to now
         unless a value for it is given. A created_at of None keeps the stored one.
 
+        Args:
+            run_id: the run to update.
+            if_status: update the row only if its stored status equals this one, checked
+                in the same write transaction. Callers pass "running" so that a run that
+                ended meanwhile keeps its final record. None updates whatever the status.
+            fields: the column values to set.
+
+        Returns:
+            True if the row was updated. False if no row has ``run_id``, or its status
+            differs from ``if_status``.
+
         Raises:
             ValueError: a name is not an updatable column (the message lists them), or a
-                status, timestamp or integer is invalid.
+                status (``if_status`` included), timestamp or integer is invalid.
             TypeError: a value has a type the RunRecord annotation does not allow.
         """
         _check_run_id(run_id)
+        if if_status is not None and if_status not in STATUSES:
+            raise ValueError(
+                f"update_run(): invalid if_status {if_status!r}: expected one of "
+                f"{', '.join(STATUSES)}, or None"
+            )
         unknown = [name for name in fields if name not in _UPDATABLE_COLUMNS]
         if unknown:
             allowed = ", ".join(sorted(_UPDATABLE_COLUMNS))
@@ -466,6 +504,10 @@ class DatabaseWriter:
         assignments = ", ".join(f"{name} = :{name}" for name in _COLUMNS if name in values)
         sql = f"UPDATE {TABLE} SET {assignments} WHERE run_id = :run_id"
         parameters = {**values, "run_id": run_id}
+        if if_status is not None:
+            # The parameter name cannot clash with a column's: if_status is not a column.
+            sql += " AND status = :if_status"
+            parameters["if_status"] = if_status
 
         def update(connection: sqlite3.Connection) -> bool:
             return connection.execute(sql, parameters).rowcount == 1
@@ -569,32 +611,36 @@ class DatabaseWriter:
         self,
         *,
         started_before: str,
+        ended_before: str | None = None,
         batch_size: int = 1000,
         progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Delete the runs with start_time before ``started_before`` and return how many.
 
-        Rows go oldest first, ``batch_size`` per write transaction, so that writers in
-        other processes wait for one short transaction at most. ``progress(deleted,
-        total)`` is called after each batch. total is the count at the start, raised to
-        ``deleted`` if rows added meanwhile make it larger. Logs the count at INFO.
+        With ``ended_before``, a run also needs an end_time before it, or no end_time, to
+        be deleted. Rows go oldest first, ``batch_size`` per write transaction, so that
+        writers in other processes wait for one short transaction at most. ``progress(
+        deleted, total)`` is called after each batch. total is the count at the start,
+        raised to ``deleted`` if rows added meanwhile make it larger. Logs the count at
+        INFO.
 
         Raises:
-            ValueError: ``started_before`` is not ISO 8601 with an offset, or a
-                batch_size below 1.
+            ValueError: ``started_before`` or ``ended_before`` is not ISO 8601 with an
+                offset, or a batch_size below 1.
             Any exception raised by ``progress`` propagates. The batches before it stay
-            deleted.
+                deleted.
         """
-        cutoff = _normalise_timestamp("started_before", started_before)
+        clauses, parameters = _age_filters(started_before, ended_before)
         _check_batch_size(batch_size)
-        total = self.count_runs(started_before=cutoff)
+        total = self.count_runs(started_before=started_before, ended_before=ended_before)
         sql = (
             f"DELETE FROM {TABLE} WHERE rowid IN (SELECT rowid FROM {TABLE} "
-            "WHERE start_time < ? ORDER BY start_time LIMIT ?)"
+            f"WHERE {' AND '.join(clauses)} ORDER BY start_time LIMIT ?)"
         )
+        arguments = [*parameters, batch_size]
 
         def delete_batch(connection: sqlite3.Connection) -> int:
-            return int(connection.execute(sql, (cutoff, batch_size)).rowcount)
+            return int(connection.execute(sql, arguments).rowcount)
 
         deleted = 0
         while count := self._write("delete_runs", None, delete_batch):
@@ -602,9 +648,10 @@ class DatabaseWriter:
             total = max(total, deleted)
             if progress is not None:
                 progress(deleted, total)
-        logger.info(
-            "deleted %d runs started before %s from the index %s", deleted, cutoff, self.path
-        )
+        condition = f"started before {parameters[0]}"
+        if ended_before is not None:
+            condition += f" and not ended at or after {parameters[1]}"
+        logger.info("deleted %d runs %s from the index %s", deleted, condition, self.path)
         return deleted
 
     # -- reads ----------------------------------------------------------------------------
@@ -710,17 +757,23 @@ class DatabaseWriter:
             if remaining > 0:
                 remaining -= len(rows)
 
-    def count_runs(self, *, started_before: str | None = None) -> int:
-        """Return the number of runs, or of runs with start_time before ``started_before``.
+    def count_runs(
+        self, *, started_before: str | None = None, ended_before: str | None = None
+    ) -> int:
+        """Return the number of runs that match every filter given, or of all runs.
+
+        Args:
+            started_before: only runs with start_time before this ISO 8601 timestamp.
+            ended_before: only runs with end_time before this ISO 8601 timestamp, or
+                with no end_time (still running, or their end never reached the index).
 
         Raises:
-            ValueError: ``started_before`` is not ISO 8601 with an offset.
+            ValueError: a timestamp is not ISO 8601 with an offset.
         """
+        clauses, parameters = _age_filters(started_before, ended_before)
         sql = f"SELECT COUNT(*) FROM {TABLE}"
-        parameters: list[Any] = []
-        if started_before is not None:
-            sql += " WHERE start_time < ?"
-            parameters.append(_normalise_timestamp("started_before", started_before))
+        if clauses:
+            sql += f" WHERE {' AND '.join(clauses)}"
         with _fork_gate.entered():
             row = self._connection().execute(sql, parameters).fetchone()
         return int(row[0])
@@ -744,6 +797,25 @@ class DatabaseWriter:
         with _fork_gate.entered():
             rows = self._connection().execute(sql, (_check_limit(limit),)).fetchall()
         return [RunRecord.from_dict(dict(row)) for row in rows]
+
+    def count_pending_api_posts(
+        self, *, started_before: str | None = None, ended_before: str | None = None
+    ) -> int:
+        """Return the number of ended runs not yet posted to the API.
+
+        The filters are those of count_runs. The query repeats the condition of the
+        partial index idx_agent_runs_pending, so SQLite reads the entries of that index
+        (keyed by start_time) and only the table rows that ``ended_before`` needs.
+
+        Raises:
+            ValueError: a timestamp is not ISO 8601 with an offset.
+        """
+        clauses, parameters = _age_filters(started_before, ended_before)
+        where = " AND ".join([_PENDING_CONDITION, *clauses])
+        sql = f"SELECT COUNT(*) FROM {TABLE} WHERE {where}"
+        with _fork_gate.entered():
+            row = self._connection().execute(sql, parameters).fetchone()
+        return int(row[0])
 
     def get_run_stats(self, since: str | None = None) -> dict[str, Any]:
         """Return counts of runs in total, per status and per agent, from one snapshot.

@@ -2,15 +2,19 @@
 
 plan_prune finds what is older than a cutoff, at the start of a UTC day, and prune
 deletes it. The journal's files are per UTC day, so the cutoff falls between two files:
-the files dated before the cutoff's day go, and the index rows of runs that started
-before the cutoff go with them.
+the files dated before the cutoff's day go. A run's index row goes when its last run line
+is older than the cutoff: it started before the cutoff and ended before it too. A run
+that ended at or after the cutoff keeps its row, because its run_end line is in a kept
+file and check and rebuild_index would otherwise find a run that the index lacks.
 
-NOTE: a run that started before the cutoff and ended after it loses its row, its
-run_start line and the events dated before the cutoff. Its run_end line is in a kept
-file, so a later rebuild_index writes its row again from that line, and the next prune
-deletes it again. The lines of runs that started at or after the cutoff are all in kept
-files, unless a process with a clock running behind wrote an event dated before the
-cutoff.
+A run without an end_time that started before the cutoff loses its row, because its only
+run line, run_start, goes with its file. Such a run has been running for longer than the
+retention, so it is stale unless its agent is still at work. If that agent ends it, the
+client writes a run_end line and the whole record to the index again. The rule reads the
+index, so a run whose end never reached the index is judged by its start alone.
+
+Runs not yet posted to the API are deleted like any other. plan_prune counts them
+(``PrunePlan.pending_runs``) so that a caller can stop first.
 
 Logger: ``telemetry.retention``.
 """
@@ -39,13 +43,17 @@ class PrunePlan(NamedTuple):
     """The journal files and index rows that prune would delete, as plan_prune found them."""
 
     cutoff: datetime.datetime
-    """Start of a UTC day: files dated before its day and runs started before it go."""
+    """Start of a UTC day: files dated before its day go, and so do the index rows of runs
+    with no run line at or after it."""
     files: list[JournalFile]
     """The journal files dated before the cutoff's day, oldest first."""
     bytes: int
     """The total size of ``files`` when planned."""
     runs: int
-    """The index rows of runs that started before the cutoff, when planned."""
+    """The index rows of runs that started before the cutoff and ended before it or have
+    no end_time, when planned."""
+    pending_runs: int
+    """Of ``runs``, those that ended and are not yet posted to the API, when planned."""
 
 
 class PruneResult(NamedTuple):
@@ -85,8 +93,10 @@ def plan_prune(
     last_date = (cutoff - datetime.timedelta(days=1)).date()
     files = reader.files(last_date=last_date)
     size = sum(_size_of(journal_file) for journal_file in files)
-    runs = index.count_runs(started_before=get_iso8601_timestamp(cutoff))
-    return PrunePlan(cutoff=cutoff, files=files, bytes=size, runs=runs)
+    timestamp = get_iso8601_timestamp(cutoff)
+    runs = index.count_runs(started_before=timestamp, ended_before=timestamp)
+    pending_runs = index.count_pending_api_posts(started_before=timestamp, ended_before=timestamp)
+    return PrunePlan(cutoff=cutoff, files=files, bytes=size, runs=runs, pending_runs=pending_runs)
 
 
 def prune(
@@ -94,30 +104,37 @@ def prune(
     plan: PrunePlan,
     *,
     progress: Callable[[int, int], None] | None = None,
+    now: datetime.datetime | None = None,
 ) -> PruneResult:
     """Delete the index rows and journal files of ``plan``, rows first.
 
     Every file of the plan is checked before anything is deleted: its name must be a
     journal file's name dated before the cutoff's day. The rows deleted are those that
-    started before the cutoff at the time of deletion, which may include rows written
-    since the plan, but never a newer one. A file already gone is skipped. Deleting the
-    rows first means that an interrupted prune leaves journal lines that rebuild_index
-    could restore the rows from, never rows without their journal. Running prune again
-    with a new plan finishes the work.
+    started and ended before the cutoff, or have no end, at the time of deletion. That
+    may include rows written since the plan, but never a newer one. Runs not yet posted
+    to the API are deleted too: check ``plan.pending_runs`` first. A file already gone is
+    skipped. Deleting the rows first means that an interrupted prune leaves journal lines
+    that rebuild_index could restore the rows from, never rows without their journal.
+    Running prune again with a new plan finishes the work.
 
     Args:
         index: the index to delete rows from.
         plan: what plan_prune returned.
         progress: called as ``progress(done, total)``, counting rows and then files.
+        now: the current time, an aware datetime; None for the clock's. Pass the ``now``
+            that the plan was made with.
 
     Raises:
-        ValueError: the cutoff is not the start of a UTC day, or is later than the start
-            of yesterday (the latest cutoff plan_prune returns), or a file of the plan is
-            not dated before the cutoff's day. Nothing is deleted.
+        TypeError: ``now`` is not a datetime.
+        ValueError: ``now`` is naive, or a file of the plan is not dated before the
+            cutoff's day, or the cutoff is not the start of a UTC day. The cutoff must
+            also be no later than the start of the day before ``now``'s, the latest that
+            plan_prune returns. Nothing is deleted.
         sqlite3.Error, OSError: a deletion failed. What was deleted before it stays deleted.
         Any exception raised by ``progress``.
     """
-    cutoff = _check_plan(plan)
+    cutoff = _check_plan(plan, _check_now(now))
+    timestamp = get_iso8601_timestamp(cutoff)
     files = len(plan.files)
 
     def rows_progress(done: int, total: int) -> None:
@@ -125,7 +142,7 @@ def prune(
             progress(done, total + files)
 
     runs_deleted = index.delete_runs(
-        started_before=get_iso8601_timestamp(cutoff), progress=rows_progress
+        started_before=timestamp, ended_before=timestamp, progress=rows_progress
     )
 
     files_deleted = bytes_deleted = 0
@@ -143,7 +160,7 @@ def prune(
 
     logger.info(
         "pruned what is older than %s: %d journal files (%d bytes) and %d index rows",
-        get_iso8601_timestamp(cutoff),
+        timestamp,
         files_deleted,
         bytes_deleted,
         runs_deleted,
@@ -163,15 +180,9 @@ def _cutoff(older_than: datetime.timedelta, now: datetime.datetime | None) -> da
             f"invalid older_than {older_than}: expected at least one day, because agents "
             "are still appending to today's journal file"
         )
-    if now is None:
-        now = datetime.datetime.now(datetime.timezone.utc)
-    elif not isinstance(now, datetime.datetime):
-        raise TypeError(f"now must be a datetime.datetime, not {type(now).__name__}: {now!r}")
-    elif now.utcoffset() is None:
-        raise ValueError(f"invalid now {now!r}: pass an aware datetime, e.g. with tzinfo=UTC")
-
+    now = _check_now(now)
     try:
-        moment = now.astimezone(datetime.timezone.utc) - older_than
+        moment = now - older_than
     except OverflowError:
         raise ValueError(
             f"invalid older_than {older_than}: the cutoff would fall before year 1"
@@ -179,7 +190,23 @@ def _cutoff(older_than: datetime.timedelta, now: datetime.datetime | None) -> da
     return moment.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def _check_plan(plan: PrunePlan) -> datetime.datetime:
+def _check_now(now: datetime.datetime | None) -> datetime.datetime:
+    """Return ``now`` in UTC, or the clock's time for None."""
+    if now is None:
+        return datetime.datetime.now(datetime.timezone.utc)
+    if not isinstance(now, datetime.datetime):
+        raise TypeError(f"now must be a datetime.datetime, not {type(now).__name__}: {now!r}")
+    if now.utcoffset() is None:
+        raise ValueError(f"invalid now {now!r}: pass an aware datetime, e.g. with tzinfo=UTC")
+    try:
+        return now.astimezone(datetime.timezone.utc)
+    except OverflowError:
+        raise ValueError(
+            f"invalid now {now!r}: it falls outside the years 1 to 9999 in UTC"
+        ) from None
+
+
+def _check_plan(plan: PrunePlan, now: datetime.datetime) -> datetime.datetime:
     """Check that ``plan`` deletes nothing newer than plan_prune allows; return its cutoff."""
     cutoff = plan.cutoff
     if not isinstance(cutoff, datetime.datetime) or cutoff.utcoffset() is None:
@@ -190,9 +217,7 @@ def _check_plan(plan: PrunePlan) -> datetime.datetime:
             f"invalid plan cutoff {cutoff.isoformat()}: expected the start of a UTC day, "
             "as plan_prune returns"
         )
-    today = datetime.datetime.now(datetime.timezone.utc).replace(
-        hour=0, minute=0, second=0, microsecond=0
-    )
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     latest = today - MIN_OLDER_THAN
     if cutoff > latest:
         raise ValueError(

@@ -1,8 +1,13 @@
-"""``telemetry rebuild`` and ``telemetry prune``, run in subprocesses on stores of the library."""
+"""``telemetry rebuild`` and ``telemetry prune`` on stores of the library, run in subprocesses.
+
+One test calls the prune command in process, to give it an index that does not wait for locks.
+"""
 
 from __future__ import annotations
 
 import datetime
+import io
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +19,10 @@ from cli_support import run_cli, run_json
 from http_server import ScriptedServer
 
 from telemetry import TelemetryClient, TelemetryConfig
+from telemetry.cli import build_parser
+from telemetry.cli._context import CommandContext
+from telemetry.cli._prune import prune_command
+from telemetry.config import resolve_config
 from telemetry.database import DatabaseWriter
 from telemetry.models import RunRecord, generate_run_id, get_iso8601_timestamp
 from telemetry.ndjson import NDJSONWriter
@@ -150,6 +159,11 @@ def test_rebuild_without_journal(tmp_path: Path) -> None:
 def record_old_run(data_dir: Path, days_ago: int) -> RunRecord:
     """Journal and index an ended run that started ``days_ago`` days ago."""
     start = datetime.datetime.now(UTC) - datetime.timedelta(days=days_ago)
+    return record_span(data_dir, start, start + datetime.timedelta(minutes=1))
+
+
+def record_span(data_dir: Path, start: datetime.datetime, end: datetime.datetime) -> RunRecord:
+    """Journal and index a successful run from ``start`` to ``end``."""
     started = get_iso8601_timestamp(start)
     record = RunRecord(
         run_id=generate_run_id("old-agent"),
@@ -162,8 +176,9 @@ def record_old_run(data_dir: Path, days_ago: int) -> RunRecord:
     writer = NDJSONWriter(data_dir / "journal")
     try:
         writer.append("run_start", record.to_dict())
-        ended = get_iso8601_timestamp(start + datetime.timedelta(minutes=1))
-        record.status, record.end_time, record.duration_ms = "success", ended, 60_000
+        ended = get_iso8601_timestamp(end)
+        duration_ms = round((end - start) / datetime.timedelta(milliseconds=1))
+        record.status, record.end_time, record.duration_ms = "success", ended, duration_ms
         record.updated_at = ended
         writer.append("run_end", record.to_dict())
     finally:
@@ -174,6 +189,7 @@ def record_old_run(data_dir: Path, days_ago: int) -> RunRecord:
 
 
 def journal_file_of(data_dir: Path, days_ago: int) -> Path:
+    """Return the path of the journal file dated ``days_ago`` days before today."""
     day = datetime.datetime.now(UTC) - datetime.timedelta(days=days_ago)
     return data_dir / "journal" / f"events_{day:%Y%m%d}.ndjson"
 
@@ -265,3 +281,167 @@ def test_prune_usage_errors(tmp_path: Path, arguments: list[str], message: str) 
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+# -- prune: runs across the cutoff, pending posts, failures -----------------------------------
+
+
+def cutoff_of(older_than_days: int) -> datetime.datetime:
+    """Return the cutoff that ``prune --older-than <older_than_days>d`` uses now."""
+    moment = datetime.datetime.now(UTC) - datetime.timedelta(days=older_than_days)
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def mark_all_posted(data_dir: Path) -> None:
+    """Mark every run of the store's index as posted to the API."""
+    with DatabaseWriter(data_dir / "telemetry.db") as index:
+        for run_id in index.run_statuses():
+            index.mark_api_posted(run_id)
+
+
+def api_environment(port: int) -> dict[str, str]:
+    """Return settings that configure an API on 127.0.0.1 that nothing listens on."""
+    return {"TELEMETRY_API_URL": f"http://127.0.0.1:{port}/runs"}
+
+
+def test_prune_then_check(aged_store: Path) -> None:
+    """After a prune that keeps a run across the cutoff, check finds nothing wrong."""
+    hour = datetime.timedelta(hours=1)
+    cutoff = cutoff_of(90)
+    across = record_span(aged_store, cutoff - hour, cutoff + hour)
+    assert run_cli("check", data_dir=aged_store).returncode == 0
+
+    pruned = run_json("prune", "--older-than", "90d", data_dir=aged_store)
+    result = run_cli("check", data_dir=aged_store)
+
+    assert pruned["runs_deleted"] == 2
+    assert result.returncode == 0, result.stdout
+    assert across.run_id in {row["run_id"] for row in index_rows(aged_store)}
+
+
+def test_prune_then_rebuild(aged_store: Path) -> None:
+    """A rebuild after a prune restores no pruned run and leaves no posted run pending."""
+    hour = datetime.timedelta(hours=1)
+    cutoff = cutoff_of(90)
+    across = record_span(aged_store, cutoff - hour, cutoff + hour)
+    mark_all_posted(aged_store)
+    run_json("prune", "--older-than", "90d", data_dir=aged_store)
+    rows_after_prune = index_rows(aged_store)
+
+    result = run_cli("rebuild", data_dir=aged_store)
+    rows = index_rows(aged_store)
+
+    assert result.returncode == 0, result.stderr
+    assert [row["run_id"] for row in rows] == [row["run_id"] for row in rows_after_prune]
+    assert across.run_id in {row["run_id"] for row in rows}
+    assert all(row["api_posted"] for row in rows)
+
+
+def test_prune_stops_for_pending(aged_store: Path, free_port: int) -> None:
+    """With an API configured, old runs not yet posted stop the prune before it deletes."""
+    old_files = [journal_file_of(aged_store, 200), journal_file_of(aged_store, 120)]
+
+    result = run_cli(
+        "prune", "--older-than", "90d", data_dir=aged_store, env=api_environment(free_port)
+    )
+
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert "2 runs older than" in result.stderr
+    assert "run 'telemetry flush' first, or pass --include-pending to delete them" in result.stderr
+    assert all(path.is_file() for path in old_files)
+    assert len(index_rows(aged_store)) == 3
+    assert_no_traceback(result)
+
+
+def test_prune_include_pending(aged_store: Path, free_port: int) -> None:
+    """--include-pending deletes the runs not yet posted and reports how many there were."""
+    result = run_cli(
+        "prune",
+        "--older-than",
+        "90d",
+        "--include-pending",
+        data_dir=aged_store,
+        env=api_environment(free_port),
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "2 of these runs had not been posted to the API" in result.stdout
+    assert [row["agent_name"] for row in index_rows(aged_store)] == ["recent-agent"]
+
+
+def test_prune_posted_with_api(aged_store: Path, free_port: int) -> None:
+    """With an API configured, runs already posted are deleted without --include-pending."""
+    mark_all_posted(aged_store)
+
+    result = run_json(
+        "prune", "--older-than", "90d", data_dir=aged_store, env=api_environment(free_port)
+    )
+
+    assert result["pending_runs"] == 0
+    assert result["runs_deleted"] == 2
+
+
+def test_prune_dry_run_pending(aged_store: Path, free_port: int) -> None:
+    """--dry-run with an API configured says how many runs are not yet posted."""
+    result = run_cli(
+        "prune",
+        "--older-than",
+        "90d",
+        "--dry-run",
+        data_dir=aged_store,
+        env=api_environment(free_port),
+    )
+    lines = result.stdout.splitlines()
+
+    assert result.returncode == 0, result.stderr
+    assert lines[-2].startswith("2 of these runs are not yet posted to the API, so prune")
+    assert lines[-1] == "Nothing was deleted (--dry-run)."
+    assert len(index_rows(aged_store)) == 3
+
+
+def test_prune_dry_run_json_pending(aged_store: Path, free_port: int) -> None:
+    """--dry-run --json gives the number of planned runs not yet posted."""
+    plan = run_json(
+        "prune",
+        "--older-than",
+        "90d",
+        "--dry-run",
+        data_dir=aged_store,
+        env=api_environment(free_port),
+    )
+
+    assert plan["pending_runs"] == 2
+    assert plan["include_pending"] is False
+
+
+def test_prune_pending_without_api(aged_store: Path) -> None:
+    """Without an API configured, runs never posted are deleted and not mentioned."""
+    result = run_cli("prune", "--older-than", "90d", data_dir=aged_store)
+
+    assert result.returncode == 0, result.stderr
+    assert "posted" not in result.stdout
+    assert [row["agent_name"] for row in index_rows(aged_store)] == ["recent-agent"]
+
+
+def test_prune_locked_no_progress(aged_store: Path) -> None:
+    """A prune that fails on a locked index writes no final progress line."""
+    args = build_parser().parse_args(
+        ["prune", "--older-than", "90d", "--data-dir", str(aged_store)]
+    )
+    config, ignored = resolve_config(data_dir=args.data_dir, environ={})
+    err = io.StringIO()
+    context = CommandContext(config, ignored, io.StringIO(), err)
+    # No wait for the lock, so that the test fails fast instead of after the retries.
+    context._index = DatabaseWriter(config.db_path, busy_timeout_ms=0, sleep=lambda seconds: None)
+    blocker = sqlite3.connect(config.db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            prune_command(args, context)
+    finally:
+        blocker.close()
+        context.close()
+
+    assert "deleting" not in err.getvalue()
+    assert len(index_rows(aged_store)) == 3

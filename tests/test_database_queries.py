@@ -288,6 +288,173 @@ def test_delete_runs_rejects_invalid(
     assert writer.count_runs() == 2
 
 
+def load_spans(writer: DatabaseWriter) -> None:
+    """Load runs that started on day 2 and ended on days 3 and 5, and one still running."""
+    writer.load_runs(
+        [
+            make_record("ended-3", start_time=started(2), end_time=started(3), status="success"),
+            make_record("ended-5", start_time=started(2), end_time=started(5), status="success"),
+            make_record("running", start_time=started(2), status="running"),
+            make_record("later", start_time=started(6), end_time=started(6), status="success"),
+        ]
+    )
+
+
+def test_count_runs_ended_before(writer: DatabaseWriter) -> None:
+    """ended_before counts runs that ended strictly before it, and runs without an end."""
+    load_spans(writer)
+    assert writer.count_runs(started_before=started(4), ended_before=started(4)) == 2
+    assert writer.count_runs(started_before=started(4), ended_before=started(3)) == 1
+    assert writer.count_runs(ended_before=started(7)) == 4
+
+
+def test_delete_runs_ended_before(writer: DatabaseWriter) -> None:
+    """A run that started before the cutoff but ended at or after it keeps its row."""
+    load_spans(writer)
+    deleted = writer.delete_runs(started_before=started(4), ended_before=started(4))
+    assert deleted == 2
+    assert sorted(writer.run_statuses()) == ["ended-5", "later"]
+
+
+def test_delete_runs_ended_progress(writer: DatabaseWriter) -> None:
+    """The progress total counts only the rows that ended_before lets go."""
+    load_spans(writer)
+    calls: list[tuple[int, int]] = []
+    writer.delete_runs(
+        started_before=started(4),
+        ended_before=started(4),
+        batch_size=1,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert calls == [(1, 2), (2, 2)]
+
+
+def test_delete_runs_rejects_ended_before(writer: DatabaseWriter) -> None:
+    """An ended_before without an offset raises ValueError naming it and deletes nothing."""
+    load_spans(writer)
+    with pytest.raises(ValueError, match="invalid ended_before"):
+        writer.delete_runs(started_before=started(4), ended_before="2026-01-04T00:00:00")
+    assert writer.count_runs() == 4
+
+
+# -- update_run if_status ----------------------------------------------------------------
+
+
+def test_update_run_if_status_matches(writer: DatabaseWriter) -> None:
+    """update_run with the stored status as if_status updates the row and returns True."""
+    writer.load_runs([make_record("run-1", status="running")])
+    updated = writer.update_run("run-1", if_status="running", status="abandoned")
+    stored = writer.get_run("run-1")
+    assert updated is True
+    assert stored is not None
+    assert stored.status == "abandoned"
+
+
+def test_update_run_if_status_differs(writer: DatabaseWriter) -> None:
+    """A run that ended in another writer meanwhile keeps its final record."""
+    writer.load_runs([make_record("run-1", status="running")])
+    with DatabaseWriter(writer.path) as other:
+        other.update_run("run-1", status="success", items_succeeded=3)
+    before = writer.get_run("run-1")
+
+    updated = writer.update_run(
+        "run-1", if_status="running", status="abandoned", error_summary="stale"
+    )
+
+    assert updated is False
+    assert writer.get_run("run-1") == before
+
+
+def test_update_run_if_status_missing(writer: DatabaseWriter) -> None:
+    """update_run with if_status of a run that is not in the index returns False."""
+    assert writer.update_run("no-such-run", if_status="running", status="abandoned") is False
+
+
+def test_update_run_rejects_if_status(writer: DatabaseWriter) -> None:
+    """An unknown if_status raises ValueError naming it and changes no row."""
+    writer.load_runs([make_record("run-1", status="running")])
+    with pytest.raises(ValueError, match="invalid if_status 'done'"):
+        writer.update_run("run-1", if_status="done", status="abandoned")
+    stored = writer.get_run("run-1")
+    assert stored is not None
+    assert stored.status == "running"
+
+
+# -- count_pending_api_posts -------------------------------------------------------------
+
+
+def load_pending_mix(writer: DatabaseWriter) -> None:
+    """Load two pending runs, one posted run and one running run that is not posted."""
+    writer.load_runs(
+        [
+            make_record("pending-1", status="success"),
+            make_record("pending-2", status="abandoned", start_time=started(2)),
+            make_record("posted", status="failed", api_posted=True),
+            make_record("running", status="running"),
+        ]
+    )
+
+
+def test_count_pending_values(writer: DatabaseWriter) -> None:
+    """Ended runs not yet posted count, posted and running runs do not."""
+    load_pending_mix(writer)
+    assert writer.count_pending_api_posts() == 2
+
+
+def test_count_pending_matches_stats(writer: DatabaseWriter) -> None:
+    """The count equals the pending_api_posts of get_run_stats."""
+    load_pending_mix(writer)
+    assert writer.count_pending_api_posts() == writer.get_run_stats()["pending_api_posts"]
+
+
+def test_count_pending_empty(writer: DatabaseWriter) -> None:
+    """An empty index has no pending posts."""
+    assert writer.count_pending_api_posts() == 0
+
+
+def test_count_pending_age_filters(writer: DatabaseWriter) -> None:
+    """started_before and ended_before narrow the pending count as they narrow count_runs."""
+    writer.load_runs(
+        [
+            make_record("old", start_time=started(2), end_time=started(2), status="success"),
+            make_record("across", start_time=started(3), end_time=started(5), status="failed"),
+            make_record("new", start_time=started(6), end_time=started(6), status="success"),
+            make_record("running", start_time=started(2), status="running"),
+            make_record(
+                "posted",
+                start_time=started(2),
+                end_time=started(2),
+                status="success",
+                api_posted=True,
+            ),
+        ]
+    )
+    assert writer.count_pending_api_posts(started_before=started(4)) == 2
+    assert writer.count_pending_api_posts(started_before=started(4), ended_before=started(4)) == 1
+    assert writer.count_pending_api_posts(ended_before=started(7)) == 3
+
+
+def test_count_pending_rejects_timestamp(writer: DatabaseWriter) -> None:
+    """A started_before without an offset raises ValueError naming the argument."""
+    with pytest.raises(ValueError, match="invalid started_before"):
+        writer.count_pending_api_posts(started_before="2026-01-03")
+
+
+def test_count_pending_uses_index(writer: DatabaseWriter) -> None:
+    """The count query reads the partial pending index, not the table."""
+    statements: list[str] = []
+    connection = writer._connection()
+    connection.set_trace_callback(statements.append)
+    try:
+        writer.count_pending_api_posts()
+    finally:
+        connection.set_trace_callback(None)
+    assert len(statements) == 1
+    plan = connection.execute(f"EXPLAIN QUERY PLAN {statements[0]}").fetchall()
+    details = " ".join(row[3] for row in plan)
+    assert "idx_agent_runs_pending" in details
+
+
 # -- list_runs until and iter_runs ------------------------------------------------------
 
 

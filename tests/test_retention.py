@@ -57,6 +57,27 @@ def record_run(
     return record
 
 
+def record_running(data_dir: Path, run_id: str, start: datetime.datetime) -> RunRecord:
+    """Journal the start of a run that never ended, and index it as running."""
+    started = get_iso8601_timestamp(start)
+    record = RunRecord(
+        run_id=run_id,
+        agent_name="aged-agent",
+        job_type="test",
+        start_time=started,
+        created_at=started,
+        updated_at=started,
+    )
+    journal = NDJSONWriter(data_dir / "journal")
+    try:
+        journal.append("run_start", record.to_dict())
+    finally:
+        journal.close()
+    with DatabaseWriter(data_dir / "telemetry.db") as index:
+        index.load_runs([record])
+    return record
+
+
 class AgedStore:
     """A store with runs at fixed distances from the cutoff of a 90-day retention."""
 
@@ -135,6 +156,21 @@ def test_plan_old_files_and_rows(aged: AgedStore) -> None:
     assert len(plan.files) == 3
     assert plan.bytes == sum(path.stat().st_size for path in aged.old_files())
     assert plan.runs == len(aged.old)
+    assert plan.pending_runs == len(aged.old)
+
+
+def test_plan_pending_runs(aged: AgedStore) -> None:
+    """pending_runs counts the old ended runs not yet posted, and no posted or running run."""
+    hour = datetime.timedelta(hours=1)
+    record_run(aged.data_dir, "r-across", aged.cutoff - hour, aged.cutoff + hour)
+    record_running(aged.data_dir, "r-running", aged.cutoff - 3 * DAY)
+    with aged.index as index:
+        index.mark_api_posted("r-old-200")
+
+    plan = aged.plan()
+
+    assert plan.runs == 4
+    assert plan.pending_runs == 2
 
 
 def test_plan_deletes_nothing(aged: AgedStore) -> None:
@@ -245,26 +281,77 @@ def test_prune_kept_runs_rebuild(aged: AgedStore) -> None:
     assert set(after) == {"r-new-edge", "r-new-89"} | today_runs(aged)
 
 
-def test_prune_run_across_cutoff(aged: AgedStore) -> None:
-    """A run that started before the cutoff and ended after it loses its row and its start line.
+def journal_run_ids(aged: AgedStore) -> set[str]:
+    """Return the ids of the runs that the journal's run_start and run_end lines describe."""
+    return set(aged.reader.fold_runs().runs)
 
-    Its run_end line is in a kept file, so a rebuild writes its row again, as the module
-    documents.
-    """
+
+def test_prune_run_across_cutoff(aged: AgedStore) -> None:
+    """A run that started before the cutoff and ended after it keeps its row and run_end line."""
     hour = datetime.timedelta(hours=1)
     across = record_run(aged.data_dir, "r-across", aged.cutoff - hour, aged.cutoff + hour)
     start_file = aged.old_files()[-1]
 
-    result = aged.prune(aged.plan())
+    plan = aged.plan()
+    result = aged.prune(plan)
     records = aged.reader.run_records("r-across", across.start_time, across.end_time)
-    rebuild_index(aged.data_dir / "telemetry.db", aged.data_dir / "journal")
     with aged.index as index:
-        restored = index.get_run("r-across")
+        kept = index.get_run("r-across")
 
-    assert result.runs_deleted == 4
+    assert plan.runs == 3
+    assert result.runs_deleted == 3
     assert not start_file.exists()
     assert [record["record_type"] for record in records] == ["run_end"]
-    assert restored == across
+    assert kept == across
+
+
+def test_prune_index_matches_journal(aged: AgedStore) -> None:
+    """After a prune, the index and the journal describe the same runs."""
+    hour = datetime.timedelta(hours=1)
+    record_run(aged.data_dir, "r-across", aged.cutoff - hour, aged.cutoff + hour)
+    record_running(aged.data_dir, "r-running", aged.cutoff - 3 * DAY)
+    record_running(aged.data_dir, "r-running-new", aged.cutoff + DAY)
+
+    aged.prune(aged.plan())
+
+    assert aged.run_ids() == journal_run_ids(aged)
+    assert "r-across" in aged.run_ids()
+    assert "r-running-new" in aged.run_ids()
+
+
+def test_prune_old_running_row(aged: AgedStore) -> None:
+    """A running row that started before the cutoff goes with its run_start line."""
+    record_running(aged.data_dir, "r-running", aged.cutoff - 3 * DAY)
+
+    plan = aged.plan()
+    result = aged.prune(plan)
+
+    assert plan.runs == 4
+    assert plan.pending_runs == 3
+    assert result.runs_deleted == 4
+    assert "r-running" not in aged.run_ids()
+    assert "r-running" not in journal_run_ids(aged)
+
+
+def test_prune_rebuild_keeps_sync_state(aged: AgedStore) -> None:
+    """A rebuild after a prune restores no pruned run and keeps every run posted."""
+    hour = datetime.timedelta(hours=1)
+    record_run(aged.data_dir, "r-across", aged.cutoff - hour, aged.cutoff + hour)
+    with aged.index as index:
+        for run_id in index.run_statuses():
+            index.mark_api_posted(run_id)
+    aged.prune(aged.plan())
+    kept = aged.run_ids()
+
+    rebuild_index(aged.data_dir / "telemetry.db", aged.data_dir / "journal")
+    with aged.index as index:
+        after = index.list_runs(limit=None)
+        pending = index.count_pending_api_posts()
+
+    assert {run.run_id for run in after} == kept
+    assert "r-across" in kept
+    assert pending == 0
+    assert all(run.api_posted for run in after)
 
 
 def test_prune_rows_added_after_plan(aged: AgedStore) -> None:
@@ -387,3 +474,58 @@ def test_prune_yesterday_cutoff(tmp_path: Path) -> None:
 
     assert result.files_deleted == 1
     assert kept == {"r-0", "r-1"}
+
+
+def test_prune_injected_now(tmp_path: Path) -> None:
+    """A plan made with an injected now is carried out when prune gets the same now."""
+    now = datetime.datetime.now(UTC) + 30 * DAY
+    for days_ago in (0, 1, 2):
+        moment = now - days_ago * DAY
+        record_run(tmp_path, f"r-{days_ago}", moment, moment)
+
+    with DatabaseWriter(tmp_path / "telemetry.db") as index:
+        plan = plan_prune(index, JournalReader(tmp_path / "journal"), DAY, now=now)
+        result = prune(index, plan, now=now)
+        kept = set(index.run_statuses())
+
+    assert result.files_deleted == 1
+    assert kept == {"r-0", "r-1"}
+
+
+def test_prune_rejects_clock_now(tmp_path: Path) -> None:
+    """Without now, a plan whose cutoff is later than the clock allows deletes nothing."""
+    now = datetime.datetime.now(UTC) + 30 * DAY
+    record_run(tmp_path, "r-2", now - 2 * DAY, now - 2 * DAY)
+
+    with DatabaseWriter(tmp_path / "telemetry.db") as index:
+        plan = plan_prune(index, JournalReader(tmp_path / "journal"), DAY, now=now)
+        with pytest.raises(ValueError, match="or earlier"):
+            prune(index, plan)
+        kept = set(index.run_statuses())
+
+    assert kept == {"r-2"}
+
+
+@pytest.mark.parametrize(
+    ("now", "error", "message"),
+    [
+        (datetime.datetime(2026, 12, 4), ValueError, "aware datetime"),
+        ("2026-12-04", TypeError, "must be a datetime.datetime"),
+        (
+            datetime.datetime(1, 1, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=5))),
+            ValueError,
+            "outside the years 1 to 9999",
+        ),
+    ],
+)
+def test_prune_rejects_now(
+    aged: AgedStore, now: object, error: type[Exception], message: str
+) -> None:
+    """A naive or non-datetime now raises and deletes nothing."""
+    plan = aged.plan()
+    files, runs = aged.files(), aged.run_ids()
+
+    with aged.index as index, pytest.raises(error, match=message):
+        prune(index, plan, now=now)  # type: ignore[arg-type]
+
+    assert_nothing_deleted(aged, files, runs)

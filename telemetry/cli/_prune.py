@@ -7,7 +7,7 @@ import datetime
 from typing import Any
 
 from telemetry.cli._args import parse_duration
-from telemetry.cli._context import EXIT_OK, CommandContext, UsageError
+from telemetry.cli._context import EXIT_OK, CommandContext, CommandError, UsageError
 from telemetry.cli._output import format_bytes, plural, print_json
 from telemetry.retention import MIN_OLDER_THAN, PrunePlan, PruneResult, plan_prune, prune
 
@@ -19,8 +19,12 @@ examples:
   telemetry prune --older-than 26w
 
 The cutoff is the start (00:00 UTC) of the day --older-than before now. Journal files
-dated before that day are deleted, and so are the index rows of runs that started
-before it. --dry-run lists them and deletes nothing.
+dated before that day are deleted, and so are the index rows of runs that started and
+ended before it. A run that ended after the cutoff keeps its row, and a run still
+running that started before it loses its row. --dry-run lists them and deletes nothing.
+
+When the API is configured, prune deletes nothing and exits 1 if some of those runs are
+not yet posted to the API: run 'telemetry flush' first, or pass --include-pending.
 """
 
 
@@ -47,6 +51,12 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="list what would be deleted, and delete nothing"
     )
+    parser.add_argument(
+        "--include-pending",
+        action="store_true",
+        help="also delete runs not yet posted to the API (without it, prune stops when the "
+        "API is configured and there are any)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=prune_command)
 
@@ -54,31 +64,47 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
 def prune_command(args: argparse.Namespace, context: CommandContext) -> int:
     """Plan the deletion, then print the plan (--dry-run) or carry it out."""
     index = context.open_index()
+    now = datetime.datetime.now(datetime.timezone.utc)
     try:
-        plan = plan_prune(index, context.journal(), args.older_than)
+        plan = plan_prune(index, context.journal(), args.older_than, now=now)
     except ValueError:  # the cutoff would fall before year 1
         raise UsageError(
             f"invalid --older-than of {args.older_than.days} days: too long, because the "
             "cutoff would fall before year 1"
         ) from None
 
+    pending = _pending_runs(plan, context)
+    if pending and not args.dry_run and not args.include_pending:
+        raise CommandError(
+            f"{plural(pending, 'run')} older than {_format_cutoff(plan.cutoff)} "
+            f"{'is' if pending == 1 else 'are'} not yet posted to the API: run 'telemetry "
+            "flush' first, or pass --include-pending to delete them"
+        )
+
     result: PruneResult | None = None
     if not args.dry_run and (plan.files or plan.runs):
-        progress = context.progress("deleting", len(plan.files) + plan.runs)
-        try:
-            result = prune(index, plan, progress=progress.update)
-        finally:
-            progress.finish()
+        # After a failure, the display writes no final count, so the error is the last line.
+        with context.progress("deleting", len(plan.files) + plan.runs) as progress:
+            result = prune(index, plan, progress=progress.update, now=now)
 
     if args.json:
-        print_json(_as_json(plan, result, args.dry_run), context.out)
+        print_json(_as_json(plan, result, args), context.out)
     else:
-        _print_report(plan, result, args.dry_run, context)
+        _print_report(plan, result, args, pending, context)
     return EXIT_OK
 
 
+def _pending_runs(plan: PrunePlan, context: CommandContext) -> int:
+    """Return the planned runs not yet posted, or 0 when no API is configured to post them."""
+    return plan.pending_runs if context.config.api_configured else 0
+
+
 def _print_report(
-    plan: PrunePlan, result: PruneResult | None, dry_run: bool, context: CommandContext
+    plan: PrunePlan,
+    result: PruneResult | None,
+    args: argparse.Namespace,
+    pending: int,
+    context: CommandContext,
 ) -> None:
     out = context.out
     cutoff = _format_cutoff(plan.cutoff)
@@ -86,7 +112,7 @@ def _print_report(
         print(f"Nothing to delete: no journal file or run is older than {cutoff}.", file=out)
         return
 
-    if dry_run:
+    if args.dry_run:
         print(
             f"Would delete {plural(len(plan.files), 'journal file')} "
             f"({format_bytes(plan.bytes)}) and {plural(plan.runs, 'index row')} older than "
@@ -103,13 +129,35 @@ def _print_report(
         )
     for journal_file in plan.files:
         print(f"  {journal_file.path}", file=out)
-    if dry_run:
+
+    if pending:
+        print(_pending_note(pending, args), file=out)
+    if args.dry_run:
         print("Nothing was deleted (--dry-run).", file=out)
 
 
-def _as_json(plan: PrunePlan, result: PruneResult | None, dry_run: bool) -> dict[str, Any]:
+def _pending_note(pending: int, args: argparse.Namespace) -> str:
+    """Return the report's line about the runs that the API does not have yet."""
+    if not args.dry_run:
+        return f"{pending} of these runs had not been posted to the API (--include-pending)."
+    verb = "is" if pending == 1 else "are"
+    if args.include_pending:
+        return (
+            f"{pending} of these runs {verb} not yet posted to the API, and "
+            "--include-pending deletes them too."
+        )
+    return (
+        f"{pending} of these runs {verb} not yet posted to the API, so prune would stop: "
+        "run 'telemetry flush' first, or pass --include-pending to delete them."
+    )
+
+
+def _as_json(
+    plan: PrunePlan, result: PruneResult | None, args: argparse.Namespace
+) -> dict[str, Any]:
     report: dict[str, Any] = {
-        "dry_run": dry_run,
+        "dry_run": args.dry_run,
+        "include_pending": args.include_pending,
         "cutoff": plan.cutoff.isoformat(),
         "files": [
             {"date": journal_file.date, "path": str(journal_file.path)}
@@ -117,6 +165,7 @@ def _as_json(plan: PrunePlan, result: PruneResult | None, dry_run: bool) -> dict
         ],
         "bytes": plan.bytes,
         "runs": plan.runs,
+        "pending_runs": plan.pending_runs,
         "files_deleted": 0,
         "bytes_deleted": 0,
         "runs_deleted": 0,
