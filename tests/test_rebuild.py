@@ -24,7 +24,12 @@ from telemetry.errors import SchemaError
 from telemetry.journal import JournalReader, JournalRuns
 from telemetry.models import STATUSES, RunRecord, generate_run_id, get_iso8601_timestamp
 from telemetry.ndjson import NDJSONWriter
-from telemetry.rebuild import Consistency, compare_index_with_journal, rebuild_index
+from telemetry.rebuild import (
+    Consistency,
+    IndexLockedError,
+    compare_index_with_journal,
+    rebuild_index,
+)
 
 UTC = datetime.timezone.utc
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -341,9 +346,37 @@ def damage_pages(db_path: Path) -> bytes:
     return damaged
 
 
+def table_leaf_pages(db_path: Path) -> list[int]:
+    """Return the leaf pages of the agent_runs table in rowid order (needs SQLite's dbstat)."""
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            rows = connection.execute(
+                "SELECT pageno FROM dbstat WHERE name = 'agent_runs' AND pagetype = 'leaf' "
+                "ORDER BY path"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            pytest.skip("this SQLite has no dbstat table")
+    return [row[0] for row in rows]
+
+
+def damage_table_leaves(db_path: Path) -> bytes:
+    """Overwrite two leaf pages of agent_runs, a third and two thirds in, and return one."""
+    leaves = table_leaf_pages(db_path)
+    assert len(leaves) > 10
+    with open(db_path, "r+b") as file:
+        page_size = int.from_bytes(file.read(18)[16:18], "big")
+        damaged = b"\xa5" * page_size
+        for page in (leaves[len(leaves) // 3], leaves[2 * len(leaves) // 3]):
+            file.seek((page - 1) * page_size)
+            file.write(damaged)
+    return damaged
+
+
 def test_rebuild_damaged_index(store: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A damaged index is copied to the backup and overwritten, also for open connections."""
+    """Damaged index pages: every row is salvaged with its sync state, also for open connections."""
     add_filler_runs(db_of(store))
+    before = raw_rows(db_of(store))
     agent = DatabaseWriter(db_of(store))
     agent.count_runs()
     damaged = damage_pages(db_of(store))
@@ -362,39 +395,112 @@ def test_rebuild_damaged_index(store: Path, caplog: pytest.LogCaptureFixture) ->
         agent.close()
     with DatabaseWriter(db_of(store)) as index:
         integrity = index.check_integrity()
-        run_ids = set(index.run_statuses())
+    after = raw_rows(db_of(store))
 
+    assert "salvaged 512 rows of the damaged index" in caplog.text
     assert "replaced the content of the damaged index" in caplog.text
     assert result.backup_path is not None
     assert damaged in result.backup_path.read_bytes()
-    assert result.kept_sync_state == 0
-    assert count_seen_by_agent == result.runs
+    assert result.kept_sync_state == result.runs
+    assert count_seen_by_agent == len(before)
     assert inserted
     assert integrity == (True, ["ok"])
-    assert len(run_ids) == result.runs + 1
-    assert not any(run_id.startswith("filler-") for run_id in run_ids)
+    assert without(after, (extra.run_id,)) == before
+    assert leftovers(store) == []
+
+
+def damage_secondary_index(db_path: Path) -> None:
+    """Point the status index at another column, so its entries no longer match the table."""
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as connection:
+        connection.execute("PRAGMA writable_schema = ON")
+        connection.execute(
+            "UPDATE sqlite_schema SET sql = 'CREATE INDEX idx_agent_runs_status "
+            "ON agent_runs (job_type)' WHERE name = 'idx_agent_runs_status'"
+        )
+
+
+def test_rebuild_damaged_secondary_index(store: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A secondary index that fails the integrity check is fixed by REINDEX, with no row changed."""
+    add_filler_runs(db_of(store))
+    before = raw_rows(db_of(store))
+    damage_secondary_index(db_of(store))
+    agent = DatabaseWriter(db_of(store))
+    damaged_integrity = agent.check_integrity()
+
+    try:
+        result = rebuild_index(db_of(store), store / "journal")
+        count_seen_by_agent = agent.count_runs()
+    finally:
+        agent.close()
+    with DatabaseWriter(db_of(store)) as index:
+        integrity = index.check_integrity()
+        pending = index.get_pending_api_posts(limit=None)
+
+    assert not damaged_integrity[0]
+    assert "missing from index idx_agent_runs_status" in damaged_integrity[1][0]
+    assert "with REINDEX" in caplog.text
+    assert integrity == (True, ["ok"])
+    assert raw_rows(db_of(store)) == before
+    assert result.kept_sync_state == result.runs
+    assert any(row["api_posted"] for row in before.values())
+    assert len(pending) == sum(
+        1 for row in before.values() if not row["api_posted"] and row["status"] != "running"
+    )
+    assert count_seen_by_agent == len(before)
+    assert leftovers(store) == []
+
+
+def test_rebuild_damaged_table(store: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Damaged table pages: the other rows are kept, and with them their sync state."""
+    add_filler_runs(db_of(store))
+    before = raw_rows(db_of(store))
+    damaged = damage_table_leaves(db_of(store))
+
+    result = rebuild_index(db_of(store), store / "journal")
+    with DatabaseWriter(db_of(store)) as index:
+        integrity = index.check_integrity()
+    after = raw_rows(db_of(store))
+    fillers_kept = [run_id for run_id in after if run_id.startswith("filler-")]
+    store_runs = [run_id for run_id in before if not run_id.startswith("filler-")]
+
+    assert caplog.text.count("cannot read the rows of the damaged index") == 2
+    assert result.backup_path is not None
+    assert damaged in result.backup_path.read_bytes()
+    assert integrity == (True, ["ok"])
+    assert result.kept_sync_state == result.runs
+    assert {run_id: after[run_id] for run_id in store_runs} == {
+        run_id: before[run_id] for run_id in store_runs
+    }
+    assert 0 < len(fillers_kept) < 500
+    assert "filler-00000" in after
+    assert "filler-00499" in after
+    assert all(after[run_id] == before[run_id] for run_id in fillers_kept)
+    assert leftovers(store) == []
 
 
 def test_rebuild_damaged_other_page_size(store: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A damaged index that the backup API cannot overwrite is moved aside and replaced."""
+    """A damaged index that the backup API cannot overwrite is moved aside; its rows are kept."""
     remove_index(store)
     with contextlib.closing(sqlite3.connect(db_of(store))) as connection:
         connection.execute("PRAGMA page_size = 1024")
         connection.execute("VACUUM")
     add_filler_runs(db_of(store))
-    damaged = damage_pages(db_of(store))
+    damaged = damage_table_leaves(db_of(store))
 
     result = rebuild_index(db_of(store), store / "journal")
     with DatabaseWriter(db_of(store)) as index:
         integrity = index.check_integrity()
-        count = index.count_runs()
+        run_ids = set(index.run_statuses())
+    fillers_kept = [run_id for run_id in run_ids if run_id.startswith("filler-")]
 
     assert "cannot overwrite the damaged index" in caplog.text
     assert "moved the index" in caplog.text
     assert result.backup_path is not None
     assert damaged in result.backup_path.read_bytes()
     assert integrity == (True, ["ok"])
-    assert count == result.runs
+    assert 0 < len(fillers_kept) < 500
+    assert len(run_ids) == result.runs + len(fillers_kept)
+    assert leftovers(store) == []
 
 
 def test_rebuild_torn_line(store: Path) -> None:
@@ -407,6 +513,7 @@ def test_rebuild_torn_line(store: Path) -> None:
     result = rebuild_index(db_of(store), store / "journal")
 
     assert result.corrupt_lines == 1
+    assert result.rejected_runs == 0
     assert raw_rows(db_of(store)) == before
 
 
@@ -427,7 +534,8 @@ def test_rebuild_rejected_record(store: Path) -> None:
 
     result = rebuild_index(db_of(store), store / "journal")
 
-    assert result.corrupt_lines == 1
+    assert result.rejected_runs == 1
+    assert result.corrupt_lines == 0
     assert result.runs == len(before)
     assert raw_rows(db_of(store)) == before
 
@@ -549,6 +657,55 @@ def test_rebuild_failure_keeps_index(store: Path, failing_phase: str) -> None:
     assert db_of(store).read_bytes() == index_bytes
     assert backup.read_bytes() == b"previous backup"
     assert leftovers(store) == []
+
+
+def test_rebuild_locked_index(store: Path) -> None:
+    """An index that another connection keeps locked raises IndexLockedError naming it."""
+    before = raw_rows(db_of(store))
+    holder = sqlite3.connect(db_of(store), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(IndexLockedError) as caught:
+            rebuild_index(db_of(store), store / "journal", busy_timeout_ms=50)
+    finally:
+        holder.close()
+    message = str(caught.value)
+
+    assert caught.value.path == db_of(store)
+    assert isinstance(caught.value, sqlite3.OperationalError)
+    assert f"the index {db_of(store)} is locked" in message
+    assert "write transaction of another process" in message
+    assert "retry when it ends" in message
+    assert "\n" not in message
+    assert raw_rows(db_of(store)) == before
+    assert leftovers(store) == []
+
+
+def test_rebuild_locked_damaged_index(store: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged index that stays locked raises IndexLockedError and is left in place."""
+    add_filler_runs(db_of(store))
+    damaged = damage_pages(db_of(store))
+    holder = sqlite3.connect(db_of(store), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(IndexLockedError):
+            rebuild_index(db_of(store), store / "journal", busy_timeout_ms=50)
+    finally:
+        holder.close()
+
+    assert damaged in db_of(store).read_bytes()
+    assert "moved the index" not in caplog.text
+    assert "replaced the content" not in caplog.text
+    assert leftovers(store) == []
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"), [(-1, ValueError), (0.5, TypeError), (True, TypeError)]
+)
+def test_rebuild_invalid_busy_timeout(store: Path, timeout: Any, error: type[Exception]) -> None:
+    """A busy_timeout_ms that is not an int of 0 or more is rejected before anything is read."""
+    with pytest.raises(error, match="invalid busy_timeout_ms"):
+        rebuild_index(db_of(store), store / "journal", busy_timeout_ms=timeout)
 
 
 def test_rebuild_foreign_database(tmp_path: Path) -> None:

@@ -7,20 +7,21 @@ from typing import Any
 
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError
 from telemetry.cli._output import Progress, plural, print_json
-from telemetry.rebuild import RebuildResult, rebuild_index
+from telemetry.rebuild import BACKUP_SUFFIX, IndexLockedError, RebuildResult, rebuild_index
 
 __all__ = ["register"]
 
 _PHASE_LABELS = {"read": "reading the journal", "write": "writing the index"}
 
-_EPILOG = """\
+_EPILOG = f"""\
 example:
   telemetry rebuild
 
-The journal is read whole, the runs it describes are written into a new index, and the
-new index replaces the old one, which is kept as telemetry.db.bak beside it. Runs whose
-status is the same in the old index keep their API sync state (posted or pending); the
-other runs are pending. Agents may keep running meanwhile.
+The journal is read whole, and the runs it describes are merged into the index in one
+transaction. Runs whose status is the same in the index keep their API sync state (posted
+or pending); the other runs are pending. Rows that only the index has are kept. A damaged
+index keeps the rows that can still be read from it. Agents may keep running meanwhile.
+A copy of the old index is kept beside it, named like the index with {BACKUP_SUFFIX} added.
 """
 
 
@@ -45,7 +46,7 @@ def rebuild(args: argparse.Namespace, context: CommandContext) -> int:
     """Rebuild the index with a progress display and print what was done."""
     config = context.config
     if not context.journal().files():
-        # An index rebuilt from nothing would replace the runs of the old one.
+        # No journal files usually means a wrong store, and a rebuild would add no run.
         raise CommandError(
             f"no journal files in {config.ndjson_dir}, so there is nothing to rebuild the "
             "index from: pass --data-dir or set TELEMETRY_DATA_DIR to the store whose "
@@ -53,10 +54,14 @@ def rebuild(args: argparse.Namespace, context: CommandContext) -> int:
         )
 
     progress = _PhaseProgress(context)
+    completed = False
     try:
         result = rebuild_index(config.db_path, config.ndjson_dir, progress=progress)
+        completed = True
+    except IndexLockedError as exc:
+        raise CommandError(str(exc)) from None
     finally:
-        progress.finish()
+        progress.finish(completed=completed)
 
     if args.json:
         print_json(_as_json(result, context), context.out)
@@ -80,9 +85,9 @@ class _PhaseProgress:
             self._progress = self._context.progress(_PHASE_LABELS.get(phase, phase), total)
         self._progress.update(done, total)
 
-    def finish(self) -> None:
+    def finish(self, *, completed: bool = True) -> None:
         if self._progress is not None:
-            self._progress.finish()
+            self._progress.finish(completed=completed)
             self._progress = None
 
 
@@ -94,6 +99,12 @@ def _print_summary(result: RebuildResult, context: CommandContext) -> None:
         "skipped.",
         file=out,
     )
+    if result.rejected_runs:
+        print(
+            f"Left out {plural(result.rejected_runs, 'run')} that the index rejected; "
+            "the warnings above name them.",
+            file=out,
+        )
     print(
         f"Kept the API sync state of {plural(result.kept_sync_state, 'run')} from the old index.",
         file=out,
@@ -111,6 +122,7 @@ def _as_json(result: RebuildResult, context: CommandContext) -> dict[str, Any]:
         "runs": result.runs,
         "files": result.files,
         "corrupt_lines": result.corrupt_lines,
+        "rejected_runs": result.rejected_runs,
         "kept_sync_state": result.kept_sync_state,
         "backup_path": None if result.backup_path is None else str(result.backup_path),
     }
