@@ -23,6 +23,9 @@ import pytest
 from cli_support import run_cli, run_json
 
 from telemetry import TelemetryClient, TelemetryConfig
+from telemetry.cli import build_parser, main
+from telemetry.cli._context import CommandContext
+from telemetry.config import resolve_config
 from telemetry.database import DatabaseWriter
 from telemetry.models import RunRecord, get_iso8601_timestamp
 from telemetry.ndjson import NDJSONWriter
@@ -247,12 +250,48 @@ def test_runs_corrupt_index(tmp_path: Path) -> None:
     assert_one_line_error(result.stderr, "cannot be read", "telemetry rebuild")
 
 
+def test_runs_newer_index(tmp_path: Path) -> None:
+    """An index of a newer schema exits 1 with one line naming the version and the upgrade."""
+    load(tmp_path, old_runs())
+    with sqlite3.connect(tmp_path / "telemetry.db") as connection:
+        connection.execute("PRAGMA user_version = 99")
+    connection.close()
+
+    result = run_cli("runs", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "schema version 99", "upgrade agent-telemetry")
+
+
 def test_runs_corrupt_row(corrupt_row_store: Path) -> None:
     """A row whose metrics_json is not JSON exits 1 with one line that suggests rebuild."""
     result = run_cli("runs", data_dir=corrupt_row_store)
 
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "metrics_json", "telemetry rebuild")
+
+
+def test_show_corrupt_row_names_run(corrupt_row_store: Path) -> None:
+    """show of an unreadable row names the run in its one error line."""
+    result = run_cli("show", "bad-1", data_dir=corrupt_row_store)
+
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "run bad-1", "metrics_json", "telemetry rebuild")
+
+
+def test_export_stream_error_not_row_error(store: dict[str, Any]) -> None:
+    """A ValueError from the output stream is not reported as an unreadable index row."""
+    config, ignored = resolve_config(data_dir=store["dir"], environ={})
+    closed = io.StringIO()
+    closed.close()
+    context = CommandContext(config, ignored, closed, io.StringIO())
+    args = build_parser().parse_args(["export", "--data-dir", str(store["dir"])])
+
+    try:
+        with pytest.raises(ValueError, match="closed file"):
+            args.handler(args, context)
+    finally:
+        context.close()
 
 
 # -- show -----------------------------------------------------------------------------------
@@ -459,6 +498,25 @@ def test_export_json_is_ndjson(store: dict[str, Any], tmp_path: Path) -> None:
     assert [orjson.loads(line)["run_id"] for line in lines] == ["timed-5", "timed-4"]
 
 
+def test_export_output_dash_is_stdout(store: dict[str, Any]) -> None:
+    """--output - writes the export to stdout, with no summary line."""
+    result = run_cli("export", "--agent", "archive", "--format", "csv", "-o", "-",
+                     data_dir=store["dir"])  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout, newline="")))
+    assert [row["run_id"] for row in rows] == ["old-2", "old-1"]
+    assert "exported" not in result.stderr
+
+
+def test_export_until(store: dict[str, Any]) -> None:
+    """--until leaves out the runs that started at or after it."""
+    result = run_cli("export", "--agent", "archive", "--until", "2020-03-02", data_dir=store["dir"])
+
+    assert result.returncode == 0, result.stderr
+    assert [orjson.loads(line)["run_id"] for line in result.stdout.splitlines()] == ["old-1"]
+
+
 def test_export_json_with_csv(store: dict[str, Any]) -> None:
     """--json together with --format csv is a usage error."""
     result = run_cli("export", "--json", "--format", "csv", data_dir=store["dir"])
@@ -595,10 +653,11 @@ def test_config_invalid_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["runs", "show", "stats", "export", "config"])
-def test_help_has_example(command: str) -> None:
+def test_help_has_example(capsys: pytest.CaptureFixture[str], command: str) -> None:
     """Each subcommand's --help has a description and an example."""
-    result = run_cli(command, "--help")
+    code = main([command, "--help"])
+    output = capsys.readouterr().out
 
-    assert result.returncode == 0
-    assert "example" in result.stdout
-    assert f"telemetry {command}" in result.stdout.split("example")[-1]
+    assert code == 0
+    assert "example" in output
+    assert f"telemetry {command}" in output.split("example")[-1]

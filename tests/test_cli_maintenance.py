@@ -6,6 +6,7 @@ import datetime
 import os
 import pty
 import select
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from http_server import ScriptedServer
 
 from telemetry import TelemetryClient, TelemetryConfig
 from telemetry.cli import _check, main
+from telemetry.cli._context import CommandContext
 from telemetry.database import DatabaseWriter
 from telemetry.journal import JournalReader
 from telemetry.models import RunRecord, generate_run_id, get_iso8601_timestamp
@@ -66,7 +68,7 @@ def api_env(server: ScriptedServer, **extra: str) -> dict[str, str]:
 
 def pending_posts(data_dir: Path) -> int:
     with DatabaseWriter(data_dir / "telemetry.db") as index:
-        return int(index.get_run_stats()["pending_api_posts"])
+        return index.count_pending_api_posts()
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
@@ -160,6 +162,51 @@ def test_flush_nothing_pending(tmp_path: Path, api_server: ScriptedServer) -> No
     assert result.returncode == 0
     assert result.stdout.strip() == "posted 0, failed 0, still pending 0"
     assert api_server.requests == []
+
+
+def test_flush_telemetry_disabled(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """TELEMETRY_ENABLED=false stops agents from recording, not flush from posting."""
+    run_ids = record_runs(tmp_path, 2)
+    env = api_env(api_server, TELEMETRY_ENABLED="false")
+
+    result = run_cli("flush", data_dir=tmp_path, env=env)
+    posted_ids = {request.json()["run_id"] for request in api_server.requests}
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "posted 2, failed 0, still pending 0"
+    assert posted_ids == set(run_ids)
+
+
+def test_flush_runs_posted_meanwhile(
+    tmp_path: Path,
+    api_server: ScriptedServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Runs that another process posts between the count and the flush are no failure."""
+    record_runs(tmp_path, 2)
+    for name in [name for name in os.environ if name.startswith("TELEMETRY_")]:
+        monkeypatch.delenv(name)
+    for name, value in api_env(api_server).items():
+        monkeypatch.setenv(name, value)
+    other_flush: list[subprocess.CompletedProcess[str]] = []
+    original_client = CommandContext.client
+
+    def client_after_other_flush(context: CommandContext) -> TelemetryClient:
+        # flush has counted the pending runs; now another process posts them all.
+        if not other_flush:
+            other_flush.append(run_cli("flush", data_dir=tmp_path, env=api_env(api_server)))
+        return original_client(context)
+
+    monkeypatch.setattr(CommandContext, "client", client_after_other_flush)
+
+    code = main(["flush", "--json", "--data-dir", str(tmp_path)])
+    summary = orjson.loads(capsys.readouterr().out)
+
+    assert other_flush[0].returncode == 0, other_flush[0].stderr
+    assert code == 0
+    assert summary == {"posted": 0, "failed": 0, "not_tried": 0, "still_pending": 0}
+    assert len(api_server.requests) == 2
 
 
 @pytest.mark.parametrize("timeout", ["0", "-5", "soon", "nan"])
@@ -279,7 +326,7 @@ def test_check_stale_run_of_killed_process(tmp_path: Path) -> None:
     journal = JournalReader(tmp_path / "journal").run_records(run_id, row.start_time)
 
     assert found.returncode == 1
-    assert "Stale runs (running, with the process gone or for longer than 24h): 1" in found.stdout
+    assert "Stale runs (running, with the process gone or for longer than 1 d): 1" in found.stdout
     assert run_id in found.stdout
     assert "telemetry check --repair" in found.stdout
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
@@ -336,13 +383,31 @@ def test_check_stale_after(tmp_path: Path) -> None:
     record_old_running_run(tmp_path, hours_ago=2, hostname="elsewhere-host")
 
     default = run_json_allowing_problems("check", data_dir=tmp_path)
+    text = run_cli("check", data_dir=tmp_path)
     longer = run_cli("check", "--stale-after", "2d", data_dir=tmp_path)
 
     assert [stale["run_id"] for stale in default["stale_runs"]] == [old.run_id]
     assert default["stale_runs"][0]["hostname"] == "elsewhere-host"
     assert default["stale_after_seconds"] == 86400
     assert default["ok"] is False
+    # The heading and the reason show the limit in the same form.
+    assert "for longer than 1 d): 1" in text.stdout
+    assert "the stale-after limit of 1 d" in default["stale_runs"][0]["reason"]
     assert longer.returncode == 0, longer.stdout
+
+
+def test_check_repair_telemetry_disabled(tmp_path: Path) -> None:
+    """TELEMETRY_ENABLED=false stops agents from recording, not --repair from ending runs."""
+    stale = record_old_running_run(tmp_path, hours_ago=30, hostname="elsewhere-host")
+
+    result = run_cli("check", "--repair", data_dir=tmp_path, env={"TELEMETRY_ENABLED": "false"})
+    with DatabaseWriter(tmp_path / "telemetry.db") as index:
+        row = index.get_run(stale.run_id)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Marked 1 stale run abandoned." in result.stdout
+    assert row is not None
+    assert row.status == "abandoned"
 
 
 def run_json_allowing_problems(*args: str, data_dir: Path) -> Any:
@@ -417,8 +482,106 @@ def test_check_unreadable_index(tmp_path: Path) -> None:
     result = run_cli("check", data_dir=tmp_path)
 
     assert result.returncode == 1
-    assert "Index integrity: failed" in result.stdout
-    assert "telemetry rebuild" in result.stdout
+    assert f"Index: cannot be read ({tmp_path / 'telemetry.db'})" in result.stdout
+    assert "telemetry rebuild" in result.stdout.splitlines()[-1]
+    assert_no_traceback(result)
+
+
+def test_check_newer_index(tmp_path: Path) -> None:
+    """An index of a newer schema is a finding that advises no rebuild; the journal is checked."""
+    record_runs(tmp_path, 1)
+    journal_file = next((tmp_path / "journal").iterdir())
+    with open(journal_file, "ab") as file:
+        file.write(b"{torn\n")
+    with sqlite3.connect(tmp_path / "telemetry.db") as connection:
+        connection.execute("PRAGMA user_version = 99")
+    connection.close()
+
+    result = run_cli("check", data_dir=tmp_path)
+    report = run_json_allowing_problems("check", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert "Index: incompatible schema" in result.stdout
+    assert "schema version 99" in result.stdout
+    assert "upgrade agent-telemetry" in result.stdout
+    assert "Unreadable journal lines: 1 in 1 file" in result.stdout
+    assert "telemetry rebuild" not in result.stdout
+    assert report["index"]["state"] == "incompatible"
+    assert report["problems"] == 2
+    assert_no_traceback(result)
+
+
+def test_check_missing_index(tmp_path: Path) -> None:
+    """A store with a journal but no index reports the index missing and advises a rebuild."""
+    record_runs(tmp_path, 1)
+    (tmp_path / "telemetry.db").unlink()
+
+    result = run_cli("check", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0] == f"Index: missing ({tmp_path / 'telemetry.db'})"
+    assert "telemetry rebuild" in result.stdout.splitlines()[-1]
+
+
+def test_check_missing_store(tmp_path: Path) -> None:
+    """A --data-dir without an index or journal is one error line with the --data-dir advice."""
+    missing = tmp_path / "no-such-store"
+
+    result = run_cli("check", data_dir=missing)
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert str(missing) in result.stderr
+    assert "--data-dir" in result.stderr
+    assert_no_traceback(result)
+
+
+# -- errors of every subcommand ----------------------------------------------------------------
+
+# Runs the command with the index's busy timeout at 0, so that a locked index fails at
+# once instead of after SQLite's default wait.
+NO_WAIT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from telemetry.cli import _context, main
+
+    _context.INDEX_BUSY_TIMEOUT_MS = 0
+    sys.exit(main())
+    """
+)
+
+
+PRUNE_ARGS = ("prune", "--older-than", "1d")
+
+
+def test_locked_index_message(tmp_path: Path) -> None:
+    """A write that finds the index locked ends with one line naming the index and the fix."""
+    old_start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=10)
+    ended = get_iso8601_timestamp(old_start)
+    old_run = make_record("old-agent", old_start, status="success", end_time=ended, api_posted=True)
+    write_index(tmp_path, old_run)
+    db_path = tmp_path / "telemetry.db"
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        result = subprocess.run(
+            [sys.executable, "-c", NO_WAIT_SCRIPT, *PRUNE_ARGS, "--data-dir", str(tmp_path)],
+            env=command_environment(),
+            capture_output=True,
+            text=True,
+            timeout=WAIT_SECONDS,
+            check=False,
+        )
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    last_line = result.stderr.splitlines()[-1]
+
+    assert result.returncode == 1
+    assert last_line.startswith(f"telemetry prune: the index {db_path} is locked")
+    assert "another process holds a write transaction" in last_line
+    assert "Retry when that transaction ends" in last_line
     assert_no_traceback(result)
 
 

@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
+import logging
+import os
+from pathlib import Path
 
 import pytest
 
+from telemetry.cli import main
 from telemetry.cli._args import parse_count, parse_duration, parse_since
-from telemetry.cli._output import Progress, format_duration, format_time, print_table
+from telemetry.cli._output import (
+    Progress,
+    format_duration,
+    format_span,
+    format_time,
+    print_table,
+)
 
 UTC = datetime.timezone.utc
 NOW = datetime.datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -75,13 +85,48 @@ def test_count_invalid(text: str) -> None:
         parse_count(text)
 
 
+def test_count_other_minimum() -> None:
+    """A minimum of 0 accepts 0 and names the minimum when it rejects a count."""
+    assert parse_count("0", minimum=0) == 0
+    with pytest.raises(argparse.ArgumentTypeError, match="expected 0 or more"):
+        parse_count("-1", minimum=0)
+
+
 @pytest.mark.parametrize(
     ("milliseconds", "shown"),
-    [(None, "-"), (850, "850 ms"), (12_400, "12.4 s"), (210_000, "3.5 min"), (7_200_000, "2.0 h")],
+    [
+        (None, "-"),
+        (850, "850 ms"),
+        (999.4, "999 ms"),
+        (999.6, "1.0 s"),
+        (12_400, "12.4 s"),
+        (119_949, "119.9 s"),
+        (119_999, "2.0 min"),
+        (210_000, "3.5 min"),
+        (7_199_999, "2.0 h"),
+        (7_200_000, "2.0 h"),
+    ],
 )
-def test_format_duration(milliseconds: int | None, shown: str) -> None:
-    """Durations are shown in the unit that keeps them short."""
+def test_format_duration(milliseconds: float | None, shown: str) -> None:
+    """Durations are shown in the unit that keeps them short, chosen after rounding."""
     assert format_duration(milliseconds) == shown
+
+
+@pytest.mark.parametrize(
+    ("span", "shown"),
+    [
+        (datetime.timedelta(seconds=45), "45 s"),
+        (datetime.timedelta(minutes=90), "1 h 30 min"),
+        (datetime.timedelta(hours=6, minutes=12, seconds=59), "6 h 12 min"),
+        (datetime.timedelta(hours=24), "1 d"),
+        (datetime.timedelta(days=1, minutes=5), "1 d"),
+        (datetime.timedelta(weeks=2), "14 d"),
+        (datetime.timedelta(0), "0 s"),
+    ],
+)
+def test_format_span(span: datetime.timedelta, shown: str) -> None:
+    """Spans show their two largest units, without a second unit of zero."""
+    assert format_span(span) == shown
 
 
 def test_format_time() -> None:
@@ -141,3 +186,58 @@ def test_progress_silent_without_lines() -> None:
         progress.update(done)
     progress.finish()
     assert out.getvalue() == ""
+
+
+def fail_during_progress(progress: Progress, done: int) -> None:
+    """Update ``progress`` to ``done`` inside its block, then raise RuntimeError."""
+    with progress:
+        progress.update(done)
+        raise RuntimeError("locked")
+
+
+def test_progress_context_finishes() -> None:
+    """A block that ends normally finishes the display with the final count."""
+    out = io.StringIO()
+    with Progress("deleting", 4, out, bar=False) as progress:
+        progress.update(3)
+    assert out.getvalue().splitlines()[-1] == "deleting: 3/4"
+
+
+def test_progress_context_failure_plain() -> None:
+    """A block that raises writes no final count, so the error message comes last."""
+    out = io.StringIO()
+    with pytest.raises(RuntimeError):
+        fail_during_progress(Progress("deleting", 4, out, bar=False), done=0)
+    assert out.getvalue() == ""
+
+
+def test_progress_context_failure_bar() -> None:
+    """A bar interrupted by an error ends its line without drawing a final state."""
+    out = io.StringIO()
+    with pytest.raises(RuntimeError):
+        fail_during_progress(Progress("deleting", 4, out, bar=True), done=1)
+    text = out.getvalue()
+    assert text.count("\r") == 1
+    assert text.endswith("] 1/4\n")
+
+
+def test_main_restores_process_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() undoes its changes to the telemetry logger and to the output streams."""
+    for name in [name for name in os.environ if name.startswith("TELEMETRY_")]:
+        monkeypatch.delenv(name)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    stderr = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    monkeypatch.setattr("sys.stdout", stdout)
+    monkeypatch.setattr("sys.stderr", stderr)
+    logger = logging.getLogger("telemetry")
+    monkeypatch.setattr(logger, "level", logging.ERROR)
+    handlers = list(logger.handlers)
+
+    code = main(["config", "--data-dir", str(tmp_path / "caf\u00e9")])
+
+    assert code == 0
+    assert "caf\\xe9" in stdout.buffer.getvalue().decode("ascii")  # escaped, not an error
+    assert logger.level == logging.ERROR
+    assert logger.handlers == handlers
+    assert stdout.errors == "strict"
+    assert stderr.errors == "strict"

@@ -16,7 +16,8 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from telemetry.cli import _check, _config, _flush, _prune, _rebuild, _runs, _stats, _tail
@@ -27,6 +28,8 @@ from telemetry.cli._context import (
     EXIT_USAGE,
     CommandContext,
     CommandError,
+    index_locked_message,
+    is_lock_error,
 )
 from telemetry.config import resolve_config
 from telemetry.errors import ConfigError, TelemetryError
@@ -40,16 +43,25 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command with ``argv`` (default: sys.argv[1:]) and return its exit code."""
+    """Run the command with ``argv`` (default: sys.argv[1:]) and return its exit code.
+
+    While the command runs, the library's warnings are printed on stderr, and characters
+    that stdout or stderr cannot encode are written escaped. Both changes are undone
+    before main() returns, for callers that run it inside their own process.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
+    with _escaped_unencodable_output(), _library_warnings_shown():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the subcommand that ``args`` selects and turn its expected faults into messages."""
     prog = f"telemetry {args.command}"
-    _replace_unencodable_output()
-    log_handler = _show_library_warnings()
     context: CommandContext | None = None
     try:
         config, ignored = resolve_config(data_dir=args.data_dir)
@@ -71,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a cutoff that falls before year 1.
         if isinstance(exc, BrokenPipeError):
             return _quiet_broken_pipe()
-        print(f"{prog}: {_describe(exc)}", file=sys.stderr)
+        print(f"{prog}: {_describe(exc, context)}", file=sys.stderr)
         return EXIT_PROBLEM
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -79,7 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if context is not None:
             context.close()
-        logging.getLogger("telemetry").removeHandler(log_handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,24 +115,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_library_warnings() -> logging.Handler:
-    """Print the library's warnings and errors on stderr, one line each."""
+@contextmanager
+def _library_warnings_shown() -> Iterator[None]:
+    """Print the library's warnings and errors on stderr, one line each, within the block.
+
+    The ``telemetry`` logger gets a handler, and the level WARNING when its level would
+    hide warnings. Both are undone when the block ends.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter("telemetry: %(levelname)s: %(message)s"))
     logger = logging.getLogger("telemetry")
+    level = logger.level
     logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+    if level == logging.NOTSET or level > logging.WARNING:
         logger.setLevel(logging.WARNING)
-    return handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
-def _replace_unencodable_output() -> None:
-    # A terminal or pipe with a non-UTF-8 encoding cannot show every agent name or
-    # payload; escape what it cannot hold instead of failing half-way through a table.
+@contextmanager
+def _escaped_unencodable_output() -> Iterator[None]:
+    """Write what stdout and stderr cannot encode as escapes, within the block.
+
+    A terminal or pipe with a non-UTF-8 encoding cannot show every agent name or payload.
+    Escaping what it cannot hold is better than failing half-way through a table. Each
+    stream's previous error handler is restored when the block ends.
+    """
+    changed: list[tuple[io.TextIOWrapper, str]] = []
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
+            changed.append((stream, stream.errors or "strict"))
             stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        for stream, errors in changed:
+            # reconfigure flushes first, which fails on a closed stream or a broken pipe.
+            with suppress(ValueError, OSError):
+                stream.reconfigure(errors=errors)
 
 
 def _quiet_broken_pipe() -> int:
@@ -133,7 +168,9 @@ def _quiet_broken_pipe() -> int:
     return EXIT_OK
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, context: CommandContext | None) -> str:
+    if is_lock_error(exc) and context is not None:
+        return index_locked_message(context.config.db_path)
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
         return f"{exc.strerror}: {exc.filename}"
     text = str(exc)

@@ -28,16 +28,22 @@ class CommandParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parse_count(text: str) -> int:
-    """Parse a count of 1 or more, for options such as ``--limit``."""
+def parse_count(text: str, minimum: int = 1) -> int:
+    """Parse a whole number of ``minimum`` or more, for options such as ``--limit``.
+
+    For another minimum, pass ``functools.partial(parse_count, minimum=0)`` as the type.
+
+    Raises:
+        argparse.ArgumentTypeError: the text is not a whole number, or it is below ``minimum``.
+    """
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid count {text!r}: expected a whole number such as 20"
+            f"invalid count {text!r}: expected a whole number of {minimum} or more"
         ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {value}: expected 1 or more")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"invalid count {value}: expected {minimum} or more")
     return value
 
 

@@ -8,11 +8,18 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from telemetry.cli._args import parse_duration
-from telemetry.cli._context import EXIT_OK, EXIT_PROBLEM, CommandContext, CommandError
-from telemetry.cli._output import format_time, plural, print_json
+from telemetry.cli._context import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    CommandContext,
+    CommandError,
+    IndexUnusableError,
+)
+from telemetry.cli._output import format_span, format_time, plural, print_json
 from telemetry.database import DatabaseWriter
 from telemetry.journal import JournalRuns
 from telemetry.rebuild import Consistency, compare_index_with_journal
@@ -24,6 +31,11 @@ DEFAULT_STALE_AFTER = datetime.timedelta(hours=24)
 SHOWN_PER_SECTION = 20
 """Findings listed under each heading of the text report; --json lists them all."""
 
+# Wrapped by hand, because RawDescriptionHelpFormatter keeps the line breaks.
+_DESCRIPTION = """\
+Run the index's integrity check, count unreadable journal lines per file, compare the
+runs of the index with those of the journal, and look for stale runs.
+"""
 _EPILOG = """\
 examples:
   telemetry check
@@ -32,8 +44,9 @@ examples:
 A run is stale when its status is still running and either its process is gone (the
 run was recorded on this host and its pid no longer runs) or it started longer ago than
 --stale-after. --repair ends each stale run as abandoned, with the reason as its
-error_summary, in the journal and in the index. Exit code 0 when nothing is found (or
---repair fixed everything found), 1 otherwise.
+error_summary, in the journal and in the index, even when TELEMETRY_ENABLED is false
+(that setting only stops agents from recording). Exit code 0 when nothing is found (or
+--repair fixed everything found), 1 otherwise, also when the store does not exist.
 """
 
 
@@ -43,11 +56,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "check",
         parents=[common],
         help="check the index, the journal and stale runs",
-        description=(
-            "Run the index's integrity check, count unreadable journal lines per file, "
-            "compare the runs of the index with those of the journal, and look for stale "
-            "runs."
-        ),
+        description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -68,9 +77,13 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
 
 @dataclass
 class _Findings:
-    """The findings of one check, in the order of the report."""
+    """The findings of one check, in the order of the report.
 
-    index_ok: bool = True
+    ``index_state`` is ``ok``, ``damaged`` (the integrity check failed), or the state of
+    an index that could not be opened: ``missing``, ``unreadable`` or ``incompatible``.
+    """
+
+    index_state: str = "ok"
     index_messages: list[str] = field(default_factory=list)
     journal_files: int = 0
     corrupt_lines: dict[str, int] = field(default_factory=dict)
@@ -78,8 +91,13 @@ class _Findings:
     stale: list[StaleRun] = field(default_factory=list)
     repaired: int | None = None
 
+    @property
+    def index_ok(self) -> bool:
+        """Whether the index opened and passed its integrity check."""
+        return self.index_state == "ok"
+
     def problems(self) -> int:
-        """Count the findings: each failed integrity check, file, run and stale run."""
+        """Count the findings: an index that is not ok, each file, run and stale run."""
         count = 0 if self.index_ok else 1
         count += len(self.corrupt_lines)
         if self.consistency is not None:
@@ -94,12 +112,18 @@ class _Findings:
 
 
 def check(args: argparse.Namespace, context: CommandContext) -> int:
-    """Run every check, repair stale runs when asked, and print the findings."""
+    """Run every check, repair stale runs when asked, and print the findings.
+
+    Raises:
+        CommandError: the store has neither an index nor journal files.
+    """
+    _require_store(context)
     findings = _Findings()
     index = _open_index(context, findings)
     if index is not None:
-        findings.index_ok, findings.index_messages = index.check_integrity()
-        if not findings.index_ok:
+        index_ok, findings.index_messages = index.check_integrity()
+        if not index_ok:
+            findings.index_state = "damaged"
             index = None  # its rows cannot be trusted, so the checks below skip it
 
     statuses_before = _statuses(index)
@@ -122,13 +146,26 @@ def check(args: argparse.Namespace, context: CommandContext) -> int:
     return EXIT_PROBLEM if findings.unrepaired() else EXIT_OK
 
 
+def _require_store(context: CommandContext) -> None:
+    """Raise CommandError when neither the index nor a journal file exists."""
+    config = context.config
+    if config.db_path.exists() or context.journal().files():
+        return
+    raise CommandError(
+        f"no store at {config.data_dir}: neither the index {config.db_path} nor journal "
+        f"files in {config.ndjson_dir} exist. Pass --data-dir or set TELEMETRY_DATA_DIR "
+        "to the directory that your agents write to"
+    )
+
+
 def _open_index(context: CommandContext, findings: _Findings) -> DatabaseWriter | None:
     # An index that cannot be opened is a finding of the check, not a reason to stop:
-    # the journal can still be checked.
+    # the journal can still be checked. A locked index is not a finding, because it is
+    # in use, so its error goes to main().
     try:
         return context.open_index()
-    except CommandError as exc:
-        findings.index_ok = False
+    except IndexUnusableError as exc:
+        findings.index_state = exc.state
         findings.index_messages = [str(exc)]
         return None
 
@@ -194,10 +231,7 @@ def _print_report(findings: _Findings, args: argparse.Namespace, context: Comman
     out = context.out
     config = context.config
 
-    if findings.index_ok:
-        print(f"Index integrity: ok ({config.db_path})", file=out)
-    else:
-        _print_section(out, f"Index integrity: failed ({config.db_path})", findings.index_messages)
+    _print_section(out, _index_heading(findings, config.db_path), _index_lines(findings))
 
     corrupt_total = sum(findings.corrupt_lines.values())
     _print_section(
@@ -230,13 +264,33 @@ def _print_report(findings: _Findings, args: argparse.Namespace, context: Comman
         _print_section(
             out,
             f"Stale runs (running, with the process gone or for longer than "
-            f"{_format_span(args.stale_after)}): {len(findings.stale)}",
+            f"{format_span(args.stale_after)}): {len(findings.stale)}",
             [_describe_stale(stale) for stale in findings.stale],
         )
 
     if findings.repaired is not None:
         print(f"Marked {plural(findings.repaired, 'stale run')} abandoned.", file=out)
     print(_verdict(findings), file=out)
+
+
+_INDEX_HEADINGS = {
+    "ok": "Index integrity: ok",
+    "damaged": "Index integrity: failed",
+    "missing": "Index: missing",
+    "unreadable": "Index: cannot be read",
+    "incompatible": "Index: incompatible schema",
+}
+
+
+def _index_heading(findings: _Findings, path: Path) -> str:
+    return f"{_INDEX_HEADINGS[findings.index_state]} ({path})"
+
+
+def _index_lines(findings: _Findings) -> list[str]:
+    # The open error of a missing index only repeats the heading and the path.
+    if findings.index_ok or findings.index_state == "missing":
+        return []
+    return findings.index_messages
 
 
 def _print_section(out: TextIO, heading: str, lines: Sequence[str]) -> None:
@@ -267,13 +321,18 @@ def _verdict(findings: _Findings) -> str:
 
     advice = []
     consistency = findings.consistency
-    # A rebuild fixes a damaged index, runs missing from it and status disagreements.
-    # It keeps the rows of runs that only the index has, because the journal lacks them.
-    rebuild_fixes = not findings.index_ok or (
+    # A rebuild fixes a damaged, unreadable or missing index, runs missing from it and
+    # status disagreements. It keeps the rows of runs that only the index has, because
+    # the journal lacks them. It cannot help an index whose schema this version cannot
+    # use, such as one written by a newer version: the message under the index heading
+    # gives that fix.
+    rebuild_fixes = findings.index_state in ("damaged", "unreadable", "missing") or (
         consistency is not None and bool(consistency.journal_only or consistency.status_differs)
     )
     if rebuild_fixes and findings.journal_files:
         advice.append("run 'telemetry rebuild' to rebuild the index from the journal")
+    if findings.index_state == "incompatible":
+        advice.append("fix the index as the message under its heading says")
     if consistency is not None and consistency.index_only:
         advice.append(
             "no readable journal line describes the runs that only the index has, so look "
@@ -289,15 +348,6 @@ def _verdict(findings: _Findings) -> str:
     return f"{verdict}: {'; '.join(advice)}." if advice else f"{verdict}."
 
 
-def _format_span(duration: datetime.timedelta) -> str:
-    """Return a duration as --stale-after takes it: 24h stays 24h, and 48h becomes 2d."""
-    seconds = int(duration.total_seconds())
-    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % size == 0 and (seconds >= 2 * size or unit == "m"):
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 def _as_json(findings: _Findings, args: argparse.Namespace, context: CommandContext) -> Any:
     consistency = findings.consistency
     return {
@@ -306,6 +356,7 @@ def _as_json(findings: _Findings, args: argparse.Namespace, context: CommandCont
         "index": {
             "path": str(context.config.db_path),
             "ok": findings.index_ok,
+            "state": findings.index_state,
             "messages": findings.index_messages,
         },
         "journal": {

@@ -9,28 +9,39 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
-from typing import TextIO
+from pathlib import Path
+from typing import Literal, TextIO
 
 from telemetry.cli._output import Progress
 from telemetry.client import TelemetryClient
 from telemetry.config import TelemetryConfig
-from telemetry.database import DatabaseWriter
-from telemetry.errors import ConfigError
+from telemetry.database import DEFAULT_BUSY_TIMEOUT_MS, DatabaseWriter
+from telemetry.errors import ConfigError, SchemaError
 from telemetry.journal import JournalReader
 
 __all__ = [
     "EXIT_OK",
     "EXIT_PROBLEM",
     "EXIT_USAGE",
+    "INDEX_BUSY_TIMEOUT_MS",
     "CommandContext",
     "CommandError",
+    "IndexUnusableError",
     "UsageError",
+    "index_locked_message",
+    "is_lock_error",
 ]
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
 """A problem was found (check) or an operation failed."""
 EXIT_USAGE = 2
+
+INDEX_BUSY_TIMEOUT_MS = DEFAULT_BUSY_TIMEOUT_MS
+"""Milliseconds that each statement on the index waits for another process's lock before
+it fails (SQLite's busy timeout). Writes that fail so are retried by DatabaseWriter."""
+
+IndexState = Literal["missing", "unreadable", "incompatible"]
 
 
 class CommandError(Exception):
@@ -43,6 +54,34 @@ class UsageError(CommandError):
     """The command line asks for something impossible; the command exits with 2."""
 
     exit_code = EXIT_USAGE
+
+
+class IndexUnusableError(CommandError):
+    """The store's index cannot be used; the command exits with 1.
+
+    Attributes:
+        state: ``missing`` (no file), ``unreadable`` (not an SQLite database, or damaged)
+            or ``incompatible`` (a schema that this version of agent-telemetry cannot use,
+            such as one written by a newer version).
+    """
+
+    def __init__(self, message: str, *, state: IndexState) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+def is_lock_error(error: BaseException) -> bool:
+    """Return whether ``error`` is SQLite's report that another connection holds a lock."""
+    return isinstance(error, sqlite3.OperationalError) and "locked" in str(error).lower()
+
+
+def index_locked_message(path: Path) -> str:
+    """Return the one-line message for an index that another process keeps locked."""
+    return (
+        f"the index {path} is locked: another process holds a write transaction on it. "
+        "Retry when that transaction ends. Agents hold the lock only for a moment, so a "
+        "longer lock usually means that another rebuild or prune is running"
+    )
 
 
 @dataclass
@@ -67,23 +106,33 @@ class CommandContext:
         """Return the store's index, opened once per command.
 
         Raises:
-            CommandError: there is no index file, it is not a SQLite database, or it was
-                written by a newer version of agent-telemetry. The message says what to do.
+            IndexUnusableError: there is no index file, it is not a SQLite database, or
+                its schema is one this version cannot use, such as one written by a
+                newer version of agent-telemetry. The message gives the fix.
+            sqlite3.OperationalError: another process keeps the index locked; main()
+                reports it with index_locked_message.
         """
         if self._index is not None:
             return self._index
         path = self.config.db_path
         if not path.is_file():
-            raise CommandError(
+            raise IndexUnusableError(
                 f"no index at {path}: run an agent first, or pass --data-dir or set "
-                "TELEMETRY_DATA_DIR to the store to read"
+                "TELEMETRY_DATA_DIR to the store to read",
+                state="missing",
             )
         try:
-            self._index = DatabaseWriter(path)
+            self._index = DatabaseWriter(path, busy_timeout_ms=INDEX_BUSY_TIMEOUT_MS)
+        except SchemaError as exc:
+            # The message names the schema version found and the fix, such as upgrading.
+            raise IndexUnusableError(str(exc), state="incompatible") from None
         except sqlite3.DatabaseError as exc:
-            raise CommandError(
+            if is_lock_error(exc):
+                raise
+            raise IndexUnusableError(
                 f"the index {path} cannot be read ({exc}): "
-                "run 'telemetry rebuild' to rebuild it from the journal"
+                "run 'telemetry rebuild' to rebuild it from the journal",
+                state="unreadable",
             ) from None
         return self._index
 
@@ -94,11 +143,13 @@ class CommandContext:
     def client(self) -> TelemetryClient:
         """Return a client of the store, for commands that record or post runs.
 
-        Its end_run does not post to the API (end_run_timeout 0): posting is the job of
+        The client records and posts even when TELEMETRY_ENABLED is false: that setting
+        switches off what agents record, not the repairs and posts asked for here. Its
+        end_run does not post to the API (end_run_timeout 0): posting is the job of
         ``telemetry flush``.
         """
         if self._client is None:
-            self._client = TelemetryClient(self.config.replace(end_run_timeout=0))
+            self._client = TelemetryClient(self.config.replace(enabled=True, end_run_timeout=0))
         return self._client
 
     def progress(self, label: str, total: int, *, lines: bool = True) -> Progress:

@@ -8,12 +8,17 @@ from typing import Any
 
 from telemetry.cli._args import parse_count, parse_duration
 from telemetry.cli._context import EXIT_OK, EXIT_PROBLEM, CommandContext, CommandError
-from telemetry.cli._output import print_json
+from telemetry.cli._output import plural, print_json
 
 __all__ = ["register"]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 
+# Wrapped by hand, because RawDescriptionHelpFormatter keeps the line breaks.
+_DESCRIPTION = """\
+Post the runs that are waiting for the API (TELEMETRY_API_URL), with a progress bar on
+a terminal, and print how many were posted, failed and are still pending.
+"""
 _EPILOG = """\
 examples:
   TELEMETRY_API_URL=https://telemetry.example.com/runs telemetry flush
@@ -21,8 +26,9 @@ examples:
 
 Posts each pending run (an ended run that the API has not accepted yet), oldest first,
 with the retries of the library's API client. No post starts after --timeout; the runs
-not tried by then stay pending. Exit code 1 when a post failed or the timeout left runs
-untried.
+not tried by then stay pending. Posting works even when TELEMETRY_ENABLED is false,
+which only stops agents from recording. Exit code 1 when a post failed or the timeout
+left runs untried.
 """
 
 
@@ -32,11 +38,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "flush",
         parents=[common],
         help="post pending runs to the API",
-        description=(
-            "Post the runs that are waiting for the API (TELEMETRY_API_URL), with a "
-            "progress bar on a terminal, and print how many were posted, failed and are "
-            "still pending."
-        ),
+        description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -72,23 +74,28 @@ def flush(args: argparse.Namespace, context: CommandContext) -> int:
         )
 
     index = context.open_index()
-    pending = int(index.get_run_stats()["pending_api_posts"])
+    pending = index.count_pending_api_posts()
     to_post = pending if args.limit is None else min(pending, args.limit)
     posted = failed = not_tried = 0
     if to_post:
-        progress = context.progress("posting", to_post)
-        result = context.client().flush_pending(
-            limit=args.limit,
-            progress=progress.update,
-            timeout=args.timeout.total_seconds(),
-        )
-        progress.finish()
+        with context.progress("posting", to_post) as progress:
+            result = context.client().flush_pending(
+                limit=args.limit,
+                progress=progress.update,
+                timeout=args.timeout.total_seconds(),
+            )
         posted, failed, not_tried = result.posted, result.failed, result.remaining
-        if posted + failed + not_tried == 0:
-            # flush_pending found nothing to post although the index lists pending runs:
-            # the client skipped posting, and the reason is in its log line above.
-            raise CommandError(f"no run was posted of the {to_post} pending; see the warning above")
-    still_pending = int(index.get_run_stats()["pending_api_posts"])
+    still_pending = index.count_pending_api_posts()
+    if to_post and posted + failed + not_tried == 0 and still_pending:
+        # The client found nothing to post, yet runs are still pending, so it did not
+        # post at all: it could not open the index or the API. Its log line above gives
+        # the reason. With nothing pending, another process posted the runs meanwhile.
+        # NOTE: a run that ends after another process posted the others, and before the
+        # count above, also lands here, although nothing failed.
+        raise CommandError(
+            f"no run was posted, and {plural(still_pending, 'run')} still "
+            f"{'waits' if still_pending == 1 else 'wait'} for the API: see the message above"
+        )
 
     summary = {
         "posted": posted,

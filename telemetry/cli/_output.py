@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import Any, TextIO
 
 import orjson
@@ -12,6 +14,7 @@ __all__ = [
     "Progress",
     "format_bytes",
     "format_duration",
+    "format_span",
     "format_time",
     "plural",
     "print_json",
@@ -33,17 +36,40 @@ def print_json(value: Any, out: TextIO) -> None:
 
 
 def format_duration(milliseconds: float | None) -> str:
-    """Return a duration for people: ``850 ms``, ``12.4 s``, ``3.5 min``, ``2.0 h``, or ``-``."""
+    """Return a duration for people: ``850 ms``, ``12.4 s``, ``3.5 min``, ``2.0 h``, or ``-``.
+
+    The unit is chosen after rounding, so 119,999 ms is ``2.0 min``, not ``120.0 s``.
+    """
     if milliseconds is None:
         return "-"
-    if milliseconds < 1000:
+    if round(milliseconds) < 1000:
         return f"{round(milliseconds)} ms"
     seconds = milliseconds / 1000
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
+    for value, unit, next_unit_size in ((seconds, "s", 120), (seconds / 60, "min", 120)):
+        rounded = f"{value:.1f}"
+        if float(rounded) < next_unit_size:
+            return f"{rounded} {unit}"
     return f"{seconds / 3600:.1f} h"
+
+
+def format_span(duration: datetime.timedelta) -> str:
+    """Return a span of time in its two largest units, such as ``1 d``, ``6 h 12 min`` or ``45 s``.
+
+    A second unit of zero is left out and smaller units are dropped, not rounded. This is
+    the form of the reasons that telemetry.stale gives for a stale run, so that a report
+    shows the --stale-after limit the same way in its heading and in each reason.
+    """
+    # NOTE: stale._format_duration applies the same rule. One shared function in the
+    # library would keep the two from drifting apart.
+    seconds = max(0, int(duration.total_seconds()))
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    units = [(days, "d"), (hours, "h"), (minutes, "min"), (seconds, "s")]
+    while len(units) > 1 and units[0][0] == 0:
+        units.pop(0)
+    displayed_units = [units[0]] + [unit for unit in units[1:2] if unit[0] != 0]
+    return " ".join(f"{value} {name}" for value, name in displayed_units)
 
 
 def format_time(timestamp: str | None) -> str:
@@ -77,6 +103,10 @@ class Progress:
     true, a plain line is written each time another tenth of the work is done, and at
     the end. With neither, nothing is shown.
 
+    Used as a context manager, the display is finished when the block ends. When the
+    block raises, the bar only gets its newline and no final count is written, so that
+    the error message is the last line and starts on a line of its own.
+
     Args:
         label: what is being done, such as ``"posting"``.
         total: the number of steps; 0 when unknown.
@@ -108,7 +138,19 @@ class Progress:
         self._clock = clock
         self._last_draw = -1.0
         self._last_tenth = 0
+        self._drawn = False
         self._finished = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.finish(completed=exc_type is None)
 
     def update(self, done: int, total: int | None = None) -> None:
         """Record that ``done`` steps of ``total`` (default: the total so far) are done."""
@@ -127,15 +169,22 @@ class Progress:
                 self._stream.write(f"{self.label}: {done}/{self.total}\n")
                 self._stream.flush()
 
-    def finish(self) -> None:
-        """End the display: the bar gets its final state and a newline."""
+    def finish(self, *, completed: bool = True) -> None:
+        """End the display. Calls after the first do nothing.
+
+        Args:
+            completed: false when the work failed. The bar then only ends its line, and
+                no final count is written.
+        """
         if self._finished:
             return
         self._finished = True
-        if self._bar:
+        if self._bar and completed:
             self._draw()
             self._stream.write("\n")
-        elif self._lines and self.total and self._last_tenth < 10:
+        elif self._bar and self._drawn:
+            self._stream.write("\n")
+        elif self._lines and completed and self.total and self._last_tenth < 10:
             self._stream.write(f"{self.label}: {self.done}/{self.total}\n")
         self._stream.flush()
 
@@ -148,3 +197,4 @@ class Progress:
             text = f"\r{self.label}: {self.done}"
         self._stream.write(text)
         self._stream.flush()
+        self._drawn = True

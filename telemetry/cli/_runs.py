@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import functools
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO, TypedDict
 
@@ -119,7 +119,11 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     export.add_argument("--json", action="store_true", help="the same as --format ndjson")
     export.add_argument(
-        "--output", "-o", type=Path, metavar="FILE", help="write to FILE (default: stdout)"
+        "--output",
+        "-o",
+        type=Path,
+        metavar="FILE",
+        help="write to FILE; - is stdout (default: stdout)",
     )
     export.add_argument(
         "--allow-formulas",
@@ -167,41 +171,49 @@ def _filters(args: argparse.Namespace) -> _RunFilters:
     }
 
 
-Handler = Callable[[argparse.Namespace, CommandContext], int]
-
-
-def _report_unreadable_rows(handler: Handler) -> Handler:
+@contextmanager
+def _reading_rows(context: CommandContext, run_id: str | None = None) -> Iterator[None]:
     """Report a row of the index that cannot be turned into a RunRecord as a CommandError.
 
-    RunRecord.from_dict raises ValueError for such a row, for instance one whose
-    metrics_json is not valid JSON. The journal normally still has the run, so rebuilding
-    the index from it repairs the row.
+    Wrap only the calls that read rows: their arguments come from the parser and are
+    valid, so a ValueError there means that RunRecord.from_dict rejected a stored row,
+    for instance one whose metrics_json is not valid JSON. The journal normally still has
+    the run, so rebuilding the index from it repairs the row. ``run_id`` is the row's id
+    when the caller knows it.
     """
+    try:
+        yield
+    except UnicodeError:
+        raise  # an argument that SQLite cannot encode, such as a lone surrogate
+    except ValueError as exc:
+        # NOTE: the index does not say which row failed in a listing, so only a lookup
+        # by id can name it.
+        row = "a row" if run_id is None else f"the row of run {run_id}"
+        raise CommandError(
+            f"the index {context.config.db_path} has {row} that cannot be read ({exc}): "
+            "run 'telemetry rebuild' to rebuild the index from the journal"
+        ) from None
 
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace, context: CommandContext) -> int:
-        try:
-            return handler(args, context)
-        except UnicodeError:
-            raise
-        except ValueError as exc:
-            raise CommandError(
-                f"the index {context.config.db_path} has a row that cannot be read ({exc}): "
-                "run 'telemetry rebuild' to rebuild the index from the journal"
-            ) from None
 
-    return run
+def _read_each(runs: Iterator[RunRecord], context: CommandContext) -> Iterator[RunRecord]:
+    """Yield the runs of ``runs``, reporting an unreadable row as _reading_rows does."""
+    while True:
+        with _reading_rows(context):
+            run = next(runs, None)
+        if run is None:
+            return
+        yield run
 
 
 # -- runs -----------------------------------------------------------------------------------
 
 
-@_report_unreadable_rows
 def list_runs(args: argparse.Namespace, context: CommandContext) -> int:
     """Print the newest runs that match the filters, as a table or as JSON."""
     index = context.open_index()
     # Reading one run more than the limit shows whether more runs match.
-    runs = index.list_runs(**_filters(args), limit=args.limit + 1)
+    with _reading_rows(context):
+        runs = index.list_runs(**_filters(args), limit=args.limit + 1)
     more = len(runs) > args.limit
     runs = runs[: args.limit]
 
@@ -240,7 +252,6 @@ _BLOCK_FIELDS = ("error_details", "metrics_json")
 _TIME_FIELDS = ("start_time", "end_time", "api_posted_at", "created_at", "updated_at")
 
 
-@_report_unreadable_rows
 def show_run(args: argparse.Namespace, context: CommandContext) -> int:
     """Print one run's fields and its journal events.
 
@@ -248,7 +259,8 @@ def show_run(args: argparse.Namespace, context: CommandContext) -> int:
         CommandError: no run has the id RUN_ID.
     """
     index = context.open_index()
-    run = index.get_run(args.run_id)
+    with _reading_rows(context, args.run_id):
+        run = index.get_run(args.run_id)
     if run is None:
         raise CommandError(
             f"no run {args.run_id!r} in the index {context.config.db_path}: "
@@ -331,21 +343,22 @@ def _pretty_json(value: Any) -> str:
 # -- export ---------------------------------------------------------------------------------
 
 
-@_report_unreadable_rows
 def export_runs(args: argparse.Namespace, context: CommandContext) -> int:
     """Write the runs that match the filters as CSV or NDJSON, to stdout or to --output.
+
+    An --output of ``-`` is stdout.
 
     Raises:
         UsageError: --json together with --format csv, or --output is a directory.
         CommandError: the output file cannot be written.
     """
     export_format = _export_format(args)
-    output: Path | None = args.output
+    output: Path | None = None if args.output == Path("-") else args.output
     if output is not None and output.is_dir():
         raise UsageError(f"--output {output} is a directory: pass a file name such as runs.csv")
 
     index = context.open_index()
-    runs = index.iter_runs(**_filters(args), limit=args.limit)
+    runs = _read_each(index.iter_runs(**_filters(args), limit=args.limit), context)
 
     def write(stream: TextIO) -> int:
         if export_format == "csv":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sqlite3
 import threading
@@ -14,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from telemetry.cli._args import parse_count
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError
 from telemetry.cli._output import format_duration, format_time
 from telemetry.database import DatabaseWriter
@@ -26,6 +28,11 @@ PAYLOAD_WIDTH = 80
 AGENTS_REMEMBERED = 10_000
 """Run ids whose agent name is kept, for events that were journaled without one."""
 
+# Wrapped by hand, because RawDescriptionHelpFormatter keeps the line breaks.
+_DESCRIPTION = """\
+Print the last records of today's journal file, then each record as any process
+appends it, moving on to the next day's file at midnight UTC.
+"""
 _EPILOG = """\
 examples:
   telemetry tail
@@ -44,10 +51,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "tail",
         parents=[common],
         help="follow today's journal as records arrive",
-        description=(
-            "Print the last records of today's journal file, then each record as any "
-            "process appends it, moving on to the next day's file at midnight UTC."
-        ),
+        description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -64,17 +68,19 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         metavar="TYPE",
         help=(
             "only records of this record type (run_start, run_end, event) or events of "
-            "this event type; repeat the option for several types"
+            "this event type; repeat the option for several types. Event types are "
+            "whatever agents log, so a misspelt type is not an error: it matches nothing"
         ),
     )
     parser.add_argument(
         "--lines",
-        type=_parse_backlog,
+        type=functools.partial(parse_count, minimum=0),
         default=DEFAULT_BACKLOG,
         metavar="N",
         help=(
-            f"how many of the last records of today's file to show first, before the "
-            f"filters apply (default: {DEFAULT_BACKLOG}; 0 shows only new records)"
+            f"first take the last N records of today's file, then apply --agent and "
+            f"--type to them, so fewer than N may be shown (default: {DEFAULT_BACKLOG}; "
+            f"0 shows only new records)"
         ),
     )
     parser.add_argument(
@@ -200,7 +206,7 @@ class _AgentNames:
         if self._index is None and not self._index_unavailable:
             try:
                 self._index = self._context.open_index()
-            except CommandError:
+            except (CommandError, sqlite3.Error):
                 self._index_unavailable = True
         return self._index
 
@@ -281,15 +287,3 @@ def _printable(text: str) -> str:
         char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
         for char in text
     )
-
-
-def _parse_backlog(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid count {text!r}: expected a whole number such as 10, or 0"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid count {value}: expected 0 or more")
-    return value
