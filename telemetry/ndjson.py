@@ -31,26 +31,31 @@ Needs a POSIX system: the torn-line check uses ``os.pread`` and the fork handlin
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import logging
 import math
 import os
-import re
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 import portalocker
 
+from telemetry._dates import (
+    date_of_file_name,
+    file_name,
+    normalise_date,
+    utc_date,
+    utc_today,
+)
 from telemetry._logutil import RepeatLimiter
 from telemetry.config import DURABILITY_MODES
 from telemetry.encoding import make_jsonable
 from telemetry.errors import ConfigError
-from telemetry.models import parse_timestamp
+from telemetry.journal import RECORD_TYPES, JournalReader, JournalReadResult
 
 __all__ = [
     "DIRECTORY_MODE",
@@ -62,11 +67,12 @@ __all__ = [
 
 logger = logging.getLogger("telemetry.journal")
 
-RECORD_TYPES = ("run_start", "run_end", "event")
 DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
-FILE_PREFIX = "events_"
-FILE_SUFFIX = ".ndjson"
+
+# The former private name of telemetry._dates.date_of_file_name, which retention.py
+# imports from this module.
+_date_of_file_name = date_of_file_name
 
 # O_RDWR rather than O_WRONLY, because the torn-line check reads the last byte.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
@@ -78,19 +84,8 @@ _REPEAT_EVERY = 100
 # Maximum time close() waits for the batch thread, which may be in the middle of an fsync.
 _THREAD_JOIN_TIMEOUT_SECONDS = 5.0
 
-_DATE_PATTERN = re.compile(r"([0-9]{4})-?([0-9]{2})-?([0-9]{2})")
-_DATE_FORMS = "YYYYMMDD or YYYY-MM-DD, such as 20261204 or 2026-12-04"
-
 # fdatasync also writes back the file size, which is all a reader needs after an append.
 _sync_file_data: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
-
-
-class JournalReadResult(NamedTuple):
-    """The records of one journal file and the number of lines that could not be parsed."""
-
-    path: Path
-    records: list[dict[str, Any]]
-    corrupt_lines: int
 
 
 class NDJSONWriter:
@@ -261,16 +256,16 @@ class NDJSONWriter:
 
     def _record_date(self, record_type: str, data: Mapping[str, Any], timestamp: str | None) -> str:
         if timestamp is not None:
-            return _utc_date(timestamp)
+            return utc_date(timestamp)
 
         for key in _time_keys(record_type):
             value = data.get(key)
             if value is None:
                 continue
             try:
-                return _utc_date(value)
+                return utc_date(value)
             except (ValueError, TypeError):
-                today = _utc_date(datetime.datetime.now(datetime.timezone.utc))
+                today = utc_today()
                 self._repeats.log(
                     logger,
                     logging.WARNING,
@@ -283,7 +278,7 @@ class NDJSONWriter:
                     today,
                 )
                 return today
-        return _utc_date(datetime.datetime.now(datetime.timezone.utc))
+        return utc_today()
 
     def _encode_line(self, record_type: str, data: Mapping[str, Any]) -> bytes:
         converted, issues = make_jsonable(data, record_type)
@@ -462,7 +457,7 @@ class NDJSONWriter:
         Raises:
             ValueError: ``date_str`` is not YYYYMMDD or YYYY-MM-DD, or not a real date.
         """
-        return self.directory / f"{FILE_PREFIX}{_normalise_date(date_str)}{FILE_SUFFIX}"
+        return self.directory / file_name(normalise_date(date_str))
 
     def read_file(self, date_str: str) -> list[dict[str, Any]]:
         """Return the records of the file of ``date_str``, or [] if there is no such file.
@@ -481,45 +476,25 @@ class NDJSONWriter:
         Blank lines are ignored. A line that is not valid JSON or not a JSON object is
         skipped and counted, such as a last line cut short by a crash or by an append in
         progress. One WARNING gives the count and the path. The file is read without a lock
-        because appends write whole lines. A missing file gives no records.
+        because appends write whole lines. A missing file gives no records. This is
+        JournalReader.read on the file of that date.
 
         Raises:
             ValueError: ``date_str`` is not YYYYMMDD or YYYY-MM-DD.
             OSError: the file exists but cannot be read.
         """
-        path = self.file_path(date_str)
-        records: list[dict[str, Any]] = []
-        corrupt = 0
-        try:
-            for record in _parse_lines(path):
-                if record is None:
-                    corrupt += 1
-                else:
-                    records.append(record)
-        except FileNotFoundError:
-            return JournalReadResult(path, [], 0)
-
-        if corrupt:
-            logger.warning("skipped %d corrupt lines in %s", corrupt, path)
-        return JournalReadResult(path, records, corrupt)
+        return JournalReader(self.directory).read(self.file_path(date_str))
 
     def list_files(self) -> list[Path]:
         """Return the paths of the journal files in the directory, oldest date first.
 
-        Files whose names do not match ``events_YYYYMMDD.ndjson`` are left out. A missing
-        directory gives [].
+        Names other than ``events_YYYYMMDD.ndjson`` with a real date, and entries that are
+        not files, are left out. A missing directory gives [].
 
         Raises:
             OSError: the directory exists but cannot be listed.
         """
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return []
-        dated = sorted(
-            (date, name) for name in names if (date := _date_of_file_name(name)) is not None
-        )
-        return [self.directory / name for _, name in dated]
+        return [journal_file.path for journal_file in JournalReader(self.directory).files()]
 
     def get_file_info(self, date_str: str) -> dict[str, Any]:
         """Read the file of ``date_str`` once and return its size, line counts and times.
@@ -528,14 +503,15 @@ class NDJSONWriter:
         (non-blank lines, corrupt ones included), ``corrupt_lines``, and
         ``first_timestamp`` and ``last_timestamp``: the time of the first and last record
         in file order that has one, or None. A record's time is its ``timestamp``, else its
-        ``end_time`` (run_end only), else its ``start_time``, as stored.
+        ``end_time`` (run_end only), else its ``start_time``, as stored. Corrupt lines are
+        logged as read_file_report() logs them.
 
         Raises:
             ValueError: ``date_str`` is not YYYYMMDD or YYYY-MM-DD.
             FileNotFoundError: there is no journal file for that date; the error names the path.
             OSError: the file cannot be read.
         """
-        date = _normalise_date(date_str)
+        date = normalise_date(date_str)
         path = self.file_path(date)
         try:
             size = path.stat().st_size
@@ -544,30 +520,18 @@ class NDJSONWriter:
                 errno.ENOENT, f"no journal file for {date}", str(path)
             ) from None
 
-        line_count = 0
-        corrupt = 0
-        first: str | None = None
-        last: str | None = None
-        for record in _parse_lines(path):
-            line_count += 1
-            if record is None:
-                corrupt += 1
-                continue
-            moment = _record_time(record)
-            if moment is None:
-                continue
-            if first is None:
-                first = moment
-            last = moment
-
+        report = JournalReader(self.directory).read(path)
+        times = [
+            moment for record in report.records if (moment := _record_time(record)) is not None
+        ]
         return {
             "path": path,
             "date": date,
             "size_bytes": size,
-            "line_count": line_count,
-            "corrupt_lines": corrupt,
-            "first_timestamp": first,
-            "last_timestamp": last,
+            "line_count": len(report.records) + report.corrupt_lines,
+            "corrupt_lines": report.corrupt_lines,
+            "first_timestamp": times[0] if times else None,
+            "last_timestamp": times[-1] if times else None,
         }
 
 
@@ -679,67 +643,7 @@ def _fsync_directory(directory: Path) -> None:
         logger.warning("fsync of directory %s failed: %s", directory, exc)
 
 
-def _parse_lines(path: Path) -> Iterator[dict[str, Any] | None]:
-    """Yield each non-blank line of ``path`` as a dict, or None when it is corrupt."""
-    with open(path, "rb") as file:
-        for line in file:
-            if not line.strip():
-                continue
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                yield None
-                continue
-            yield record if isinstance(record, dict) else None
-
-
-# -- dates and times ----------------------------------------------------------------------------
-
-
-def _normalise_date(date_str: str) -> str:
-    """Return ``date_str`` as YYYYMMDD.
-
-    Raises:
-        TypeError: ``date_str`` is not a str.
-        ValueError: it is not YYYYMMDD or YYYY-MM-DD, or not a real date.
-    """
-    if not isinstance(date_str, str):
-        raise TypeError(
-            f"date_str must be a str in the form {_DATE_FORMS}, not {type(date_str).__name__}"
-        )
-    match = _DATE_PATTERN.fullmatch(date_str)
-    if match is not None and len(date_str) in (8, 10):
-        year, month, day = (int(part) for part in match.groups())
-        try:
-            datetime.date(year, month, day)
-        except ValueError:
-            pass
-        else:
-            return "".join(match.groups())
-    raise ValueError(f"invalid date {date_str!r}: expected {_DATE_FORMS}")
-
-
-def _date_of_file_name(name: str) -> str | None:
-    if not (name.startswith(FILE_PREFIX) and name.endswith(FILE_SUFFIX)):
-        return None
-    date = name[len(FILE_PREFIX) : -len(FILE_SUFFIX)]
-    if len(date) != 8:
-        return None
-    try:
-        return _normalise_date(date)
-    except ValueError:
-        return None
-
-
-def _utc_date(value: str | datetime.datetime) -> str:
-    """Return the UTC date of a timestamp as YYYYMMDD.
-
-    Raises:
-        ValueError: the text is not ISO 8601 with an offset, or the datetime is naive.
-        TypeError: ``value`` is neither a str nor a datetime.
-    """
-    moment = parse_timestamp(value)
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y%m%d")
+# -- times of records ------------------------------------------------------------------------
 
 
 def _time_keys(record_type: object) -> tuple[str, ...]:

@@ -701,23 +701,99 @@ def test_follow_older_files_ignored(writer: NDJSONWriter, reader: JournalReader)
     assert seqs(records) == [2]
 
 
-def test_follow_unfinished_line_at_roll_over(
+def noop() -> None:
+    """Do nothing: a scripted sleep in which no file changes."""
+
+
+def test_follow_late_line_in_previous_file(writer: NDJSONWriter, reader: JournalReader) -> None:
+    """A line appended to the previous day's file just after the roll-over is yielded."""
+    writer.append("event", event("run-1", at(DAY1, "23:59:59"), 1))
+    script = Script(
+        lambda: writer.append("event", event("run-1", at(DAY2, "00:00:00"), 3)),
+        noop,
+        lambda: writer.append("event", event("run-1", at(DAY1, "23:59:59"), 2)),
+    )
+
+    assert seqs(follow_all(reader, script)) == [1, 3, 2]
+
+
+@pytest.mark.parametrize(
+    ("poll_interval", "grace_sleeps"),
+    [(0.25, 8), (1.0, 8), (0.0, 8), (0.1, 20)],
+)
+def test_follow_grace_period_ends(
+    writer: NDJSONWriter, reader: JournalReader, poll_interval: float, grace_sleeps: int
+) -> None:
+    """The previous file is read up to the last sleep of its grace period, and not after."""
+    writer.append("event", event("run-1", at(DAY1), 0))
+    script = Script(
+        lambda: writer.append("event", event("run-1", at(DAY2), 1)),
+        # The roll-over happens after the first sleep, so the grace period starts here.
+        *[noop] * (grace_sleeps - 1),
+        lambda: writer.append("event", event("run-1", at(DAY1), 2)),
+        lambda: writer.append("event", event("run-1", at(DAY1), 3)),
+        lambda: writer.append("event", event("run-1", at(DAY2), 4)),
+    )
+
+    records = follow_all(reader, script, poll_interval=poll_interval)
+
+    assert seqs(records) == [0, 1, 2, 4]
+
+
+def test_follow_line_finished_after_roll_over(
     writer: NDJSONWriter,
     reader: JournalReader,
     journal_dir: Path,
     journal_logs: pytest.LogCaptureFixture,
 ) -> None:
-    """An unfinished last line is dropped with a WARNING on moving to the next file."""
+    """A last line whose newline arrives after the roll-over is yielded whole."""
+    path = file_of(journal_dir, DAY1)
+    line = json_line({"record_type": "event", **event("run-1", at(DAY1), 1)})
+    append_bytes(path, line[:20])
+    script = Script(
+        lambda: writer.append("event", event("run-1", at(DAY2), 2)),
+        lambda: append_bytes(path, line[20:]),
+    )
+
+    assert seqs(follow_all(reader, script)) == [2, 1]
+    assert warnings_of(journal_logs) == []
+
+
+def test_follow_unfinished_line_after_grace(
+    writer: NDJSONWriter,
+    reader: JournalReader,
+    journal_dir: Path,
+    journal_logs: pytest.LogCaptureFixture,
+) -> None:
+    """A last line still unfinished when the grace period ends is dropped with a WARNING."""
     path = file_of(journal_dir, DAY1)
     writer.append("event", event("run-1", at(DAY1), 0))
     script = Script(
         lambda: append_bytes(path, b'{"record_type": "ev'),
         lambda: writer.append("event", event("run-1", at(DAY2), 2)),
+        *[noop] * 8,
     )
 
     assert seqs(follow_all(reader, script)) == [0, 2]
     assert len(warnings_of(journal_logs)) == 1
     assert "dropped the unfinished last line" in warnings_of(journal_logs)[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+def test_follow_close_in_grace_period(writer: NDJSONWriter, reader: JournalReader) -> None:
+    """Closing the iterator during a grace period closes both files it keeps open."""
+    writer.append("event", event("run-1", at(DAY1), 0))
+    writer.append("event", event("run-1", at(DAY2), 1))
+    writer.close()
+    before = len(os.listdir("/proc/self/fd"))
+    records = reader.follow(today=lambda: DAY1, sleep=lambda _: None)
+
+    assert seqs([next(records), next(records)]) == [0, 1]
+    opened = len(os.listdir("/proc/self/fd"))
+    records.close()
+
+    assert opened == before + 2
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_follow_waits_for_file(writer: NDJSONWriter, reader: JournalReader) -> None:

@@ -25,6 +25,7 @@ import pytest
 import telemetry
 from telemetry.encoding import MAX_DEPTH
 from telemetry.errors import ConfigError
+from telemetry.journal import JournalReader
 from telemetry.ndjson import JournalReadResult, NDJSONWriter
 
 TIMESTAMP = "2026-12-04T12:00:00.000000+00:00"
@@ -740,6 +741,26 @@ def test_list_files_order(journal: NDJSONWriter) -> None:
         "events_20261231.ndjson",
         "events_20270101.ndjson",
     ]
+
+
+def test_list_files_skips_directories(journal: NDJSONWriter) -> None:
+    """A directory with the name of a journal file is not listed."""
+    journal.append("event", event(timestamp="2026-12-04T00:00:00+00:00"))
+    (journal.directory / "events_20261205.ndjson").mkdir()
+
+    assert [path.name for path in journal.list_files()] == ["events_20261204.ndjson"]
+
+
+def test_reading_matches_journal_reader(journal: NDJSONWriter) -> None:
+    """read_file_report and list_files return what JournalReader returns for the directory."""
+    journal.append("event", event(timestamp="2026-12-04T00:00:00+00:00"))
+    journal.append("event", event(timestamp="2026-12-05T00:00:00+00:00"))
+    with journal.file_path(DATE).open("ab") as file:
+        file.write(b"garbage\n")
+    reader = JournalReader(journal.directory)
+
+    assert journal.read_file_report(DATE) == reader.read(journal.file_path(DATE))
+    assert journal.list_files() == [journal_file.path for journal_file in reader.files()]
 
 
 def test_list_files_missing_directory(journal: NDJSONWriter) -> None:
