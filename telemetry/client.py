@@ -223,13 +223,21 @@ class TelemetryClient:
         process is looked up in the index. Ending an unknown run logs a warning, and ending
         one that has already ended logs a warning and changes nothing.
 
+        For a run started by another client, the index row is updated only while its
+        status is still running. If that process ends the run first, its end is kept, and
+        its record is journaled again after this client's run_end line, with a warning.
+        Conversely, when another process ends a run of this client first, this client's
+        end replaces it in the index and is journaled again, with a warning.
+
         Args:
             run_id: the id start_run returned.
             status: one of success, failed, partial, cancelled, timeout, abandoned.
             **fields: any of RunRecord.CALLER_FIELDS, as for start_run.
 
         Returns:
-            The final record, or None when the run is unknown or the client is disabled.
+            The final record, or None when the run is unknown or has already ended, or the
+            client is disabled. For a run started by another client, also None when the
+            run_end line could not be journaled or another process ended the run first.
 
         Raises:
             TypeError, ValueError: an invalid status, field name or value.
@@ -279,6 +287,7 @@ class TelemetryClient:
             stats = self._guard("read statistics for", None, index.get_run_stats)
         if stats is None:
             stats = {
+                "since": None,
                 "total_runs": 0,
                 "by_status": dict.fromkeys(STATUSES, 0),
                 "pending_api_posts": 0,
@@ -422,12 +431,82 @@ class TelemetryClient:
         record.end_time = now
         record.duration_ms = duration_ms
         record.updated_at = now
+        if active is None:
+            return self._end_found_run(record)
 
         self._write_journal("run_end", record.to_dict(), run_id)
         index = self._open_index()
-        if index is not None:
-            self._guard("index the end of", run_id, self._store_end, index, record)
+        if index is None:
+            return record
+        overwritten = self._guard("index the end of", run_id, self._store_own_end, index, record)
+        if overwritten is not None:
+            # This client's run_end line may precede the other one in the journal. It is
+            # written again because the last run_end line of a run is the one that counts.
+            logger.warning(
+                "end_run: run %s was ended with status %s by another process while this "
+                "client ended it with status %s; this client's end replaces it",
+                run_id,
+                overwritten.status,
+                status,
+            )
+            self._write_journal(
+                "run_end", record.to_dict(), run_id, timestamp=_later_end(record, overwritten)
+            )
         return record
+
+    def _end_found_run(self, record: RunRecord) -> RunRecord | None:
+        """Journal and index the end of a run that another client started.
+
+        Returns the record, or None when nothing was ended: the journal could not be
+        written, or another process ended the run first, whose end is then kept.
+        """
+        run_id = record.run_id
+        # The run_end line goes first, as for every run, so that a crash between the two
+        # writes leaves the journal ahead of the index, which check reports and rebuild
+        # repairs. Updating the index first would save the extra lines of a lost race
+        # (below), but a crash between the writes would then leave the index with an end
+        # that the journal, the source of truth, lacks. For the same reason the index is
+        # left alone when the journal cannot be written.
+        if not self._write_journal("run_end", record.to_dict(), run_id):
+            return None
+        index = self._open_index()
+        if index is None:
+            return record
+
+        # The index is updated only if the run is still running, because the owner of the
+        # run may have ended it since _find_run read it.
+        values = record.to_dict()
+        del values["run_id"]
+        applied = self._guard(
+            "index the end of", run_id, index.update_run, run_id, if_status="running", **values
+        )
+        if applied is None or applied:
+            # None: the index write failed, and the journal line stays. check reports the
+            # difference, and rebuild takes the journal's record.
+            return record
+
+        # Another process ended the run first. This client's line may follow that
+        # process's line in the journal, so the stored record is journaled again after it.
+        stored = self._guard("look up", run_id, index.get_run, run_id)
+        if stored is None or not stored.is_final:
+            # Deleted or replaced in the index meanwhile, by prune or rebuild.
+            logger.warning(
+                "end_run: run %s was deleted or replaced in the index while this client "
+                "ended it; its run_end line with status %s stays in the journal",
+                run_id,
+                record.status,
+            )
+            return None
+        self._write_journal(
+            "run_end", stored.to_dict(), run_id, timestamp=_later_end(record, stored)
+        )
+        logger.warning(
+            "end_run: run %s was ended with status %s by another process while this client "
+            "ended it; that end is kept",
+            run_id,
+            stored.status,
+        )
+        return None
 
     def _remember_ended(self, run_id: str) -> None:
         # Called with self._lock held. A second end_run of a run whose first end_run is
@@ -458,13 +537,26 @@ class TelemetryClient:
         return found
 
     @staticmethod
-    def _store_end(index: DatabaseWriter, record: RunRecord) -> None:
-        # The start may be missing from the index (it was locked or broken then), so an
-        # update that finds no row writes the whole record instead.
+    def _store_own_end(index: DatabaseWriter, record: RunRecord) -> RunRecord | None:
+        """Write the end of a run this client started into the index.
+
+        Returns the stored record that this end replaced when another process had ended
+        the run meanwhile, such as ``telemetry check --repair``, else None.
+        """
         values = record.to_dict()
         del values["run_id"]
-        if not index.update_run(record.run_id, **values):
+        if index.update_run(record.run_id, if_status="running", **values):
+            return None
+
+        stored = index.get_run(record.run_id)
+        if stored is None:
+            # The start is missing from the index (it was locked or broken then), so the
+            # whole record is written instead.
             index.upsert_run(record)
+            return None
+        # The process that started the run saw how it ended, so its end wins.
+        index.update_run(record.run_id, **values)
+        return stored if stored.is_final else None
 
     def _post_ended_run(self, record: RunRecord) -> None:
         if not self._api.enabled or self._config.end_run_timeout <= 0:
@@ -597,10 +689,27 @@ class TelemetryClient:
             return {"unreadable_mapping": converted}
         return converted
 
-    def _write_journal(self, record_type: str, data: dict[str, Any], run_id: str) -> None:
+    def _write_journal(
+        self,
+        record_type: str,
+        data: dict[str, Any],
+        run_id: str,
+        *,
+        timestamp: str | None = None,
+    ) -> bool:
+        """Append a record to the journal and return whether it was written.
+
+        ``timestamp`` selects the file in place of the record's own time.
+        """
         journal = self._open_journal()
-        if journal is not None:
-            self._guard(f"journal the {record_type} of", run_id, journal.append, record_type, data)
+        if journal is None:
+            return False
+
+        def append() -> bool:
+            journal.append(record_type, data, timestamp=timestamp)
+            return True
+
+        return self._guard(f"journal the {record_type} of", run_id, append) is True
 
     def _open_journal(self) -> NDJSONWriter | None:
         with self._lock:
@@ -725,6 +834,19 @@ def _config_from_environment() -> TelemetryConfig:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _later_end(record: RunRecord, other: RunRecord) -> str | None:
+    """Return the later end_time of two records, to date a run_end line written again.
+
+    A line dated by the later time goes to a file no older than either line's file, so it
+    comes after both in journal order.
+    """
+    ends = [end for end in (record.end_time, other.end_time) if end is not None]
+    try:
+        return max(ends, key=parse_timestamp, default=None)
+    except ValueError:
+        return None
 
 
 def _retry_is_due(record: RunRecord, now: datetime.datetime) -> bool:

@@ -169,6 +169,15 @@ def find_stale_runs(
             process_is_gone. Runs of other hosts, or without a pid, are judged by
             ``stale_after`` only.
 
+    NOTE: a hostname and a pid name a process only within one PID namespace. An agent in
+    a container that reports the host's hostname (Docker ``--network host``, Kubernetes
+    ``hostNetwork: true``) records a pid of the container's namespace. Checked from the
+    host, its live run can be judged gone, because no process has that pid, and its dead
+    run alive, because an unrelated process has it. Where agents run like that, judge
+    runs by ``stale_after`` alone by passing a ``hostname`` that no run records. The
+    ``telemetry check`` command has no option for that, so its --repair applies the
+    process check too.
+
     Raises:
         ValueError: ``stale_after`` is not positive, or ``now`` is naive.
         sqlite3.Error: the index cannot be read.
@@ -233,12 +242,13 @@ def abandon_runs(client: TelemetryClient, stale: Iterable[StaleRun]) -> int:
     """End each stale run with status ``abandoned`` and the reason as error_summary.
 
     Each run is ended through client.end_run, which journals a run_end line and updates
-    the index row. For a run that another process started, end_run sets the duration
-    from its start_time to now. A run that has ended since it was found is left as it
-    is, with the client's WARNING, and is not counted.
+    the index row while its status is still running. For a run that another process
+    started, end_run sets the duration from its start_time to now. A run that has ended
+    since it was found keeps its end, with the client's WARNING, and is not counted.
 
     Returns:
-        The number of runs ended.
+        The number of runs ended: each has a run_end line with status abandoned, and its
+        index row was updated or the index could not be written.
     """
     ended = 0
     for run in stale:

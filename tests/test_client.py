@@ -397,6 +397,21 @@ def test_data_dir_is_a_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
     assert "cannot open the index" in caplog.text
 
 
+def test_stats_fallback_keys(tmp_path: Path) -> None:
+    """Without an index, get_stats has every key that a readable index gives."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    with DatabaseWriter(tmp_path / "real.db") as index:
+        expected = set(index.get_run_stats()) | {"active_runs", "index_available"}
+
+    with make_client(tmp_path, data_dir=blocker) as client:
+        stats = client.get_stats()
+
+    assert set(stats) == expected
+    assert stats["since"] is None
+    assert stats["by_agent"] == {}
+
+
 def test_data_dir_under_a_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A data directory whose parent is a regular file: the agent still runs."""
     (tmp_path / "file").write_text("x")

@@ -8,15 +8,17 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from telemetry import TelemetryClient, TelemetryConfig, stale
 from telemetry.database import DatabaseWriter
+from telemetry.journal import JournalReader
 from telemetry.models import RunRecord, get_iso8601_timestamp
 from telemetry.stale import (
     PID_REUSE_TOLERANCE,
@@ -406,3 +408,146 @@ def test_abandon_skips_ended_run(client: TelemetryClient, caplog: pytest.LogCapt
 def test_abandon_nothing(client: TelemetryClient) -> None:
     """No stale runs end nothing."""
     assert abandon_runs(client, []) == 0
+
+
+# -- abandon_runs racing the run's own end ---------------------------------------------------
+#
+# Each test holds the index's write lock with a raw connection, so that one client's index
+# write fails at once (busy_timeout_ms=0) and calls its sleep before retrying. That sleep
+# runs the other client's step, which makes the interleaving exact without real waiting.
+
+
+def give_index(client: TelemetryClient, sleep: Callable[[float], None]) -> None:
+    """Make ``client`` use an index whose locked writes fail at once and call ``sleep``."""
+    client._index = DatabaseWriter(client.config.db_path, sleep=sleep, busy_timeout_ms=0)
+
+
+def find_all_running(db_path: Path) -> list[StaleRun]:
+    """Return every running run of the index as stale, judged from a day in the future."""
+    with DatabaseWriter(db_path) as index:
+        return find_stale_runs(
+            index,
+            stale_after=datetime.timedelta(hours=1),
+            now=utc_now() + datetime.timedelta(days=1),
+        )
+
+
+def end_statuses(data_dir: Path, run_id: str) -> list[object]:
+    """Return the statuses of the run_end lines of ``run_id``, in journal order."""
+    lines = journal_records(data_dir, run_id)
+    return [line["status"] for line in lines if line["record_type"] == "run_end"]
+
+
+def journal_status(data_dir: Path, run_id: str) -> str:
+    """Return the status that the journal gives ``run_id`` when it is folded."""
+    return JournalReader(data_dir / "journal").fold_runs().runs[run_id].status
+
+
+def index_status(db_path: Path, run_id: str) -> str | None:
+    """Return the status of ``run_id`` in the index, or None without a row."""
+    with DatabaseWriter(db_path) as index:
+        row = index.get_run(run_id)
+    return None if row is None else row.status
+
+
+@pytest.fixture
+def locker(client: TelemetryClient) -> Iterator[sqlite3.Connection]:
+    """Yield a raw connection to the client's index, created first, closed after the test."""
+    DatabaseWriter(client.config.db_path).close()
+    connection = sqlite3.connect(client.config.db_path, isolation_level=None)
+    yield connection
+    connection.close()
+
+
+def test_abandon_race_owner_ends_first(
+    client: TelemetryClient, locker: sqlite3.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run whose owner ends it while abandon_runs waits for the index keeps its success."""
+    data_dir = client.config.data_dir
+    run_id = client.start_run("racing-agent", "batch")
+    found = find_all_running(client.config.db_path)
+
+    def owner_ends(_: float) -> None:
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+            client.end_run(run_id, "success")
+
+    with TelemetryClient(client.config) as admin, caplog.at_level(logging.WARNING, "telemetry"):
+        give_index(admin, owner_ends)
+        locker.execute("BEGIN IMMEDIATE")
+        ended = abandon_runs(admin, found)
+
+    assert ended == 0
+    assert index_status(client.config.db_path, run_id) == "success"
+    assert journal_status(data_dir, run_id) == "success"
+    # The abandoned line was written before the conditional update found the run ended.
+    # The owner's line follows, and the admin client journals the kept success once more.
+    assert end_statuses(data_dir, run_id) == ["abandoned", "success", "success"]
+    assert any("that end is kept" in record.getMessage() for record in caplog.records)
+
+
+def test_abandon_race_owner_indexes_last(
+    client: TelemetryClient, locker: sqlite3.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An owner that journals its end before an abandon and indexes it after still wins."""
+    data_dir = client.config.data_dir
+    run_id = client.start_run("racing-agent", "batch")
+    found = find_all_running(client.config.db_path)
+    admin = TelemetryClient(client.config)
+    ended: list[int] = []
+
+    def admin_abandons(_: float) -> None:
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+            ended.append(abandon_runs(admin, found))
+
+    give_index(client, admin_abandons)
+    locker.execute("BEGIN IMMEDIATE")
+    with caplog.at_level(logging.WARNING, "telemetry"):
+        client.end_run(run_id, "success")
+    admin.close()
+
+    assert ended == [1]
+    assert index_status(client.config.db_path, run_id) == "success"
+    assert journal_status(data_dir, run_id) == "success"
+    assert end_statuses(data_dir, run_id) == ["success", "abandoned", "success"]
+    assert any("this client's end replaces it" in r.getMessage() for r in caplog.records)
+
+
+def test_abandon_index_locked(client: TelemetryClient, locker: sqlite3.Connection) -> None:
+    """When the index stays locked, the run_end line is still journaled and the run counted."""
+    data_dir = client.config.data_dir
+    run_id = client.start_run("racing-agent", "batch")
+    found = find_all_running(client.config.db_path)
+
+    with TelemetryClient(client.config) as admin:
+        give_index(admin, lambda _: None)
+        locker.execute("BEGIN IMMEDIATE")
+        ended = abandon_runs(admin, found)
+        locker.execute("ROLLBACK")
+
+    assert ended == 1
+    assert end_statuses(data_dir, run_id) == ["abandoned"]
+    assert index_status(client.config.db_path, run_id) == "running"
+
+
+def test_abandon_journal_unwritable(
+    client: TelemetryClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the run_end line cannot be journaled, the index row is left running."""
+    data_dir = client.config.data_dir
+    start = utc_now() - datetime.timedelta(hours=2)
+    with DatabaseWriter(client.config.db_path) as index:
+        index.load_runs([running("no-journal", start, hostname="other-host")])
+    # Directories where the journal files of today and tomorrow should be make every append
+    # fail, even if the test runs at midnight.
+    for day in (utc_now(), utc_now() + datetime.timedelta(days=1)):
+        (data_dir / "journal" / f"events_{day:%Y%m%d}.ndjson").mkdir(parents=True, exist_ok=True)
+    found = find_all_running(client.config.db_path)
+
+    with caplog.at_level(logging.ERROR, "telemetry"):
+        ended = abandon_runs(client, found)
+
+    assert ended == 0
+    assert index_status(client.config.db_path, "no-journal") == "running"
+    assert any("failed to journal the run_end" in r.getMessage() for r in caplog.records)
