@@ -45,7 +45,6 @@ import orjson
 import portalocker
 
 from telemetry._dates import (
-    date_of_file_name,
     file_name,
     normalise_date,
     utc_date,
@@ -69,10 +68,6 @@ logger = logging.getLogger("telemetry.journal")
 
 DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
-
-# The former private name of telemetry._dates.date_of_file_name, which retention.py
-# imports from this module.
-_date_of_file_name = date_of_file_name
 
 # O_RDWR rather than O_WRONLY, because the torn-line check reads the last byte.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)

@@ -26,10 +26,10 @@ import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
+from telemetry._dates import date_of_file_name
 from telemetry.database import DatabaseWriter
 from telemetry.journal import JournalFile, JournalReader
 from telemetry.models import get_iso8601_timestamp
-from telemetry.ndjson import _date_of_file_name
 
 __all__ = ["MIN_OLDER_THAN", "PrunePlan", "PruneResult", "plan_prune", "prune"]
 
@@ -228,7 +228,7 @@ def _check_plan(plan: PrunePlan, now: datetime.datetime) -> datetime.datetime:
 
     cutoff_date = cutoff.strftime("%Y%m%d")
     for journal_file in plan.files:
-        date = _date_of_file_name(journal_file.path.name)
+        date = date_of_file_name(journal_file.path.name)
         if date is None or date != journal_file.date or date >= cutoff_date:
             raise ValueError(
                 f"the plan lists {journal_file.path}, which is not a journal file dated "
