@@ -19,17 +19,13 @@ import pytest
 from http_server import ScriptedServer
 
 from telemetry import TelemetryClient, TelemetryConfig
+from telemetry.consistency import Consistency, compare_index_with_journal
 from telemetry.database import DatabaseWriter
-from telemetry.errors import SchemaError
+from telemetry.errors import IndexLockedError, SchemaError
 from telemetry.journal import JournalReader, JournalRuns
 from telemetry.models import STATUSES, RunRecord, generate_run_id, get_iso8601_timestamp
 from telemetry.ndjson import NDJSONWriter
-from telemetry.rebuild import (
-    Consistency,
-    IndexLockedError,
-    compare_index_with_journal,
-    rebuild_index,
-)
+from telemetry.rebuild import rebuild_index
 
 UTC = datetime.timezone.utc
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")

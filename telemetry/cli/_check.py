@@ -20,9 +20,9 @@ from telemetry.cli._context import (
     IndexUnusableError,
 )
 from telemetry.cli._output import format_span, format_time, plural, print_json
+from telemetry.consistency import Consistency, compare_index_with_journal
 from telemetry.database import DatabaseWriter
 from telemetry.journal import JournalRuns
-from telemetry.rebuild import Consistency, compare_index_with_journal
 from telemetry.stale import StaleRun, abandon_runs, find_stale_runs
 
 __all__ = ["register"]

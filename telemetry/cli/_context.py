@@ -16,7 +16,7 @@ from telemetry.cli._output import Progress
 from telemetry.client import TelemetryClient
 from telemetry.config import TelemetryConfig
 from telemetry.database import DEFAULT_BUSY_TIMEOUT_MS, DatabaseWriter
-from telemetry.errors import ConfigError, SchemaError
+from telemetry.errors import ConfigError, IndexLockedError, SchemaError
 from telemetry.journal import JournalReader
 
 __all__ = [
@@ -71,7 +71,13 @@ class IndexUnusableError(CommandError):
 
 
 def is_lock_error(error: BaseException) -> bool:
-    """Return whether ``error`` is SQLite's report that another connection holds a lock."""
+    """Return whether ``error`` reports that another connection holds a lock on the index.
+
+    That is an IndexLockedError from rebuild_index, or a sqlite3.OperationalError whose
+    message contains "locked", as DatabaseWriter raises when its retries run out.
+    """
+    if isinstance(error, IndexLockedError):
+        return True
     return isinstance(error, sqlite3.OperationalError) and "locked" in str(error).lower()
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError
 from telemetry.cli._output import Progress, plural, print_json
-from telemetry.rebuild import BACKUP_SUFFIX, IndexLockedError, RebuildResult, rebuild_index
+from telemetry.errors import IndexLockedError
+from telemetry.rebuild import BACKUP_SUFFIX, RebuildResult, rebuild_index
 
 __all__ = ["register"]
 
