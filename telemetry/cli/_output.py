@@ -19,11 +19,16 @@ __all__ = [
     "plural",
     "print_json",
     "print_table",
+    "printable",
 ]
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    """Print ``rows`` under ``header`` in columns padded to their widest cell."""
+    """Print ``rows`` under ``header`` in columns padded to their widest cell.
+
+    Cells pass through printable(), so a control character cannot break the layout.
+    """
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
     for row in [header, *rows]:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
@@ -89,6 +94,20 @@ def format_bytes(size: int) -> str:
             return f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GiB"
+
+
+def printable(text: str) -> str:
+    """Return ``text`` with control characters escaped, such as ``\\x1b`` and ``\\n``.
+
+    Agent names, summaries and payloads come from the agents, so an escape sequence in
+    them must not act on the terminal, and a newline must not split a table row.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
 
 
 def plural(count: int, noun: str) -> str:

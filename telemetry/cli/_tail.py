@@ -17,7 +17,7 @@ import orjson
 
 from telemetry.cli._args import parse_count
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError
-from telemetry.cli._output import format_duration, format_time
+from telemetry.cli._output import format_duration, format_time, printable
 from telemetry.database import DatabaseWriter
 
 __all__ = ["register"]
@@ -146,7 +146,7 @@ def format_record(record: Mapping[str, Any], agent: str | None) -> str:
     shown_time = format_time(moment) if isinstance(moment, str) else "-"
     return "  ".join(
         [
-            _printable(shown_time),
+            printable(shown_time),
             f"{record_type:<9}",
             _text(agent),
             _text(record.get("run_id")),
@@ -254,7 +254,7 @@ def _describe_end(record: Mapping[str, Any]) -> str:
     ]
     error = record.get("error_summary")
     if isinstance(error, str) and error:
-        parts.append(_shorten(_printable(" ".join(error.split()))))
+        parts.append(_shorten(printable(" ".join(error.split()))))
     return "  ".join(parts)
 
 
@@ -265,7 +265,7 @@ def _short_json(value: Any) -> str:
         text = orjson.dumps(value).decode("utf-8")
     except TypeError:
         text = repr(value)
-    return _shorten(_printable(text))
+    return _shorten(printable(text))
 
 
 def _shorten(text: str) -> str:
@@ -277,13 +277,4 @@ def _shorten(text: str) -> str:
 def _text(value: object) -> str:
     if value is None or value == "":
         return "-"
-    return _printable(str(value))
-
-
-def _printable(text: str) -> str:
-    if text.isprintable():
-        return text
-    return "".join(
-        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-        for char in text
-    )
+    return printable(str(value))
