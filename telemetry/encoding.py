@@ -82,9 +82,68 @@ def make_jsonable(value: Any, path: str) -> tuple[Any, list[ConversionIssue]]:
     the field in the issues (``payload``, ``metrics_json``). Never raises for any value,
     including self-referencing containers, which are cut with a marker string.
     """
+    try:
+        if _is_plain(value, 0):
+            return value, []
+    except RuntimeError:
+        # Another thread changed a container during the check: the full conversion below
+        # works on a snapshot of it.
+        pass
     issues: list[ConversionIssue] = []
     converted = _convert(value, path, issues, [])
     return converted, issues
+
+
+def _is_plain(value: Any, depth: int) -> bool:
+    """Return whether ``_convert`` would return ``value`` itself and report no issue.
+
+    A fast path for the usual payload of JSON types only, which it accepts without
+    building a path string per item. It accepts exact built-in types only, so it never runs
+    code of the caller's classes. ``depth`` counts the containers around ``value``, and a
+    cycle is rejected once it passes MAX_DEPTH, which leaves it to ``_convert`` to cut.
+
+    Raises:
+        RuntimeError: another thread changed a dict while it was read.
+    """
+    if _is_plain_scalar(value):
+        return True
+    if depth >= MAX_DEPTH:
+        return False
+    kind = type(value)
+    depth += 1
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or not (key.isascii() or _is_utf8(key)):
+                return False
+            if not _is_plain_scalar(item) and not _is_plain(item, depth):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        for item in value:
+            if not _is_plain_scalar(item) and not _is_plain(item, depth):
+                return False
+        return True
+    return False
+
+
+def _is_plain_scalar(value: Any) -> bool:
+    # Whether value is a JSON scalar that _convert keeps as it is. False for a container.
+    kind = type(value)
+    if kind is str:
+        return value.isascii() or _is_utf8(value)
+    if kind is int:
+        number: int = value
+        return INT64_MIN <= number <= INT64_MAX
+    return value is None or kind is bool or (kind is float and math.isfinite(value))
+
+
+def _is_utf8(value: str) -> bool:
+    # False when the string has a lone surrogate, which UTF-8 cannot encode.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def dumps(value: Any, path: str) -> tuple[bytes, list[ConversionIssue]]:
