@@ -78,6 +78,8 @@ class FlushResult(NamedTuple):
 class _ActiveRun:
     record: RunRecord
     started_monotonic: float
+    indexed_values: dict[str, Any] | None = None
+    """The record's values as start_run inserted them into the index, or None if it did not."""
 
 
 class TelemetryClient:
@@ -173,13 +175,19 @@ class TelemetryClient:
             updated_at=now,
         )
         self._apply_fields(record, fields)
+        active = _ActiveRun(record, time.monotonic())
         with self._lock:
-            self._active[run_id] = _ActiveRun(record, time.monotonic())
+            self._active[run_id] = active
 
-        self._write_journal("run_start", record.to_dict(), run_id)
+        start_values = record.to_dict()
+        self._write_journal("run_start", start_values, run_id)
         index = self._open_index()
-        if index is not None:
-            self._guard("index the start of", run_id, index.insert_run, record)
+        if index is not None and self._guard(
+            "index the start of", run_id, index.insert_run, record
+        ):
+            # No other thread has the run id before start_run returns it, so nothing has
+            # changed the record since start_values was taken.
+            active.indexed_values = start_values
         return run_id
 
     def log_event(
@@ -213,7 +221,7 @@ class TelemetryClient:
             payload=converted,
             agent_name=active.record.agent_name if active else None,
         )
-        self._write_journal("event", event.to_dict(), run_id)
+        self._write_journal("event", event.to_dict(), run_id, converted_key="payload")
 
     def end_run(self, run_id: str, status: str = "success", **fields: Any) -> RunRecord | None:
         """End a run: journal its end, update the index, and post it to the API.
@@ -434,11 +442,20 @@ class TelemetryClient:
         if active is None:
             return self._end_found_run(record)
 
-        self._write_journal("run_end", record.to_dict(), run_id)
+        end_values = record.to_dict()
+        self._write_journal("run_end", end_values, run_id)
         index = self._open_index()
         if index is None:
             return record
-        overwritten = self._guard("index the end of", run_id, self._store_own_end, index, record)
+        overwritten = self._guard(
+            "index the end of",
+            run_id,
+            self._store_own_end,
+            index,
+            record,
+            end_values,
+            active.indexed_values,
+        )
         if overwritten is not None:
             # This client's run_end line may precede the other one in the journal. It is
             # written again because the last run_end line of a run is the one that counts.
@@ -537,15 +554,34 @@ class TelemetryClient:
         return found
 
     @staticmethod
-    def _store_own_end(index: DatabaseWriter, record: RunRecord) -> RunRecord | None:
+    def _store_own_end(
+        index: DatabaseWriter,
+        record: RunRecord,
+        end_values: dict[str, Any],
+        indexed_values: dict[str, Any] | None,
+    ) -> RunRecord | None:
         """Write the end of a run this client started into the index.
+
+        ``end_values`` is ``record.to_dict()``. ``indexed_values`` is the record as
+        start_run inserted it, or None. While the row still has status running, only the
+        columns that differ from it are set, because SQLite then leaves the indexes of the
+        other columns alone. Other writers change a running row only to end it, which the
+        status condition catches, or to write it again from its run_start line, with the
+        values start_run inserted.
 
         Returns the stored record that this end replaced when another process had ended
         the run meanwhile, such as ``telemetry check --repair``, else None.
         """
-        values = record.to_dict()
+        values = dict(end_values)
         del values["run_id"]
-        if index.update_run(record.run_id, if_status="running", **values):
+        changed = values
+        if indexed_values is not None:
+            changed = {
+                name: value
+                for name, value in values.items()
+                if name not in indexed_values or indexed_values[name] != value
+            }
+        if index.update_run(record.run_id, if_status="running", **changed):
             return None
 
         stored = index.get_run(record.run_id)
@@ -696,20 +732,22 @@ class TelemetryClient:
         run_id: str,
         *,
         timestamp: str | None = None,
+        converted_key: str | None = None,
     ) -> bool:
         """Append a record to the journal and return whether it was written.
 
         ``timestamp`` selects the file in place of the record's own time.
+        ``converted_key`` names a value of ``data`` that _convert has already converted.
         """
         journal = self._open_journal()
         if journal is None:
             return False
-
-        def append() -> bool:
-            journal.append(record_type, data, timestamp=timestamp)
-            return True
-
-        return self._guard(f"journal the {record_type} of", run_id, append) is True
+        try:
+            journal._append(record_type, data, timestamp, converted_key)
+        except Exception as exc:
+            self._log_failure(f"journal the {record_type} of", run_id, exc)
+            return False
+        return True
 
     def _open_journal(self) -> NDJSONWriter | None:
         with self._lock:
@@ -778,17 +816,20 @@ class TelemetryClient:
         try:
             return function(*args, **kwargs)
         except Exception as exc:
-            target = f" run {run_id}" if run_id else ""
-            self._repeats.log(
-                logger,
-                logging.ERROR,
-                (action, type(exc)),
-                "failed to %s%s: %s",
-                action,
-                target,
-                _describe(exc),
-            )
+            self._log_failure(action, run_id, exc)
             return None
+
+    def _log_failure(self, action: str, run_id: str | None, exc: Exception) -> None:
+        target = f" run {run_id}" if run_id else ""
+        self._repeats.log(
+            logger,
+            logging.ERROR,
+            (action, type(exc)),
+            "failed to %s%s: %s",
+            action,
+            target,
+            _describe(exc),
+        )
 
     # -- interpreter exit ----------------------------------------------------------------
 

@@ -5,11 +5,11 @@ Each line of ``events_YYYYMMDD.ndjson`` is one JSON object whose ``record_type``
 index can be rebuilt from it.
 
 An append is one ``os.write`` of one whole line to a file opened with O_APPEND, made under
-a thread lock and an exclusive ``flock`` (through portalocker), so lines from threads and
-processes never interleave. The fsync comes after the lock is released, so concurrent
-appends can share one fsync (group commit). A process that dies during a write can leave a
-last line without its newline. The next append ends that line first, and readers skip and
-count lines that do not parse.
+a thread lock and an exclusive ``flock`` (called directly on POSIX, else through
+portalocker), so lines from threads and processes never interleave. The fsync comes after
+the lock is released, so concurrent appends can share one fsync (group commit). A process
+that dies during a write can leave a last line without its newline. The next append ends
+that line first, and readers skip and count lines that do not parse.
 
 ``durability`` sets when a line reaches the disk:
 
@@ -31,6 +31,7 @@ Needs a POSIX system: the torn-line check uses ``os.pread`` and the fork handlin
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import logging
 import math
@@ -43,6 +44,11 @@ from typing import Any
 
 import orjson
 import portalocker
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: portalocker's own locking is used
+    fcntl = None  # type: ignore[assignment]
 
 from telemetry._dates import (
     file_name,
@@ -137,6 +143,13 @@ class NDJSONWriter:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._date: str | None = None
+        # The path of the open file and its (st_ino, st_dev), which tell whether the path
+        # still names it. _end_offset is the file's size after this writer's last append
+        # to it, or -1 when unknown. While the size is still that, the last line is this
+        # writer's own whole line, so the torn-line check needs no read.
+        self._path = ""
+        self._file_id = (-1, -1)
+        self._end_offset = -1
         # Lines are numbered in the order they were written. _synced_seq is the highest
         # number known to be on disk, and _flushing is True while one thread (the leader)
         # runs an fsync on behalf of every line written so far.
@@ -177,6 +190,21 @@ class NDJSONWriter:
                 After a partial write, such as on a full disk, the next append ends the
                 partial line and readers count it as corrupt.
         """
+        self._append(record_type, data, timestamp, None)
+
+    def _append(
+        self,
+        record_type: str,
+        data: Mapping[str, Any],
+        timestamp: str | None,
+        converted_key: str | None,
+    ) -> None:
+        """Append as append() does, but take ``data[converted_key]`` as it is.
+
+        The client passes an event's payload, which it has already converted with
+        make_jsonable and logged the issues of, as ``converted_key`` so that it is not
+        walked a second time. That value must be what make_jsonable returned.
+        """
         if record_type not in RECORD_TYPES:
             raise ValueError(
                 f"unknown record_type {record_type!r}: expected one of {', '.join(RECORD_TYPES)}"
@@ -190,7 +218,7 @@ class NDJSONWriter:
             )
 
         date = self._record_date(record_type, data, timestamp)
-        line = self._encode_line(record_type, data)
+        line = self._encode_line(record_type, data, converted_key)
         seq, closed_torn_line = self._write_line(date, line)
 
         if closed_torn_line:
@@ -251,14 +279,14 @@ class NDJSONWriter:
 
     def _record_date(self, record_type: str, data: Mapping[str, Any], timestamp: str | None) -> str:
         if timestamp is not None:
-            return utc_date(timestamp)
+            return _utc_date(timestamp)
 
         for key in _time_keys(record_type):
             value = data.get(key)
             if value is None:
                 continue
             try:
-                return utc_date(value)
+                return _utc_date(value)
             except (ValueError, TypeError):
                 today = utc_today()
                 self._repeats.log(
@@ -275,13 +303,22 @@ class NDJSONWriter:
                 return today
         return utc_today()
 
-    def _encode_line(self, record_type: str, data: Mapping[str, Any]) -> bytes:
-        converted, issues = make_jsonable(data, record_type)
-        self._repeats.log_conversions(logger, data.get("run_id"), issues)
+    def _encode_line(
+        self, record_type: str, data: Mapping[str, Any], converted_key: str | None
+    ) -> bytes:
+        unconverted = data
+        if converted_key is not None and converted_key in data:
+            # None takes the converted value's place, so the key keeps its position.
+            unconverted = {**data, converted_key: None}
+        converted, issues = make_jsonable(unconverted, record_type)
+        if issues:
+            self._repeats.log_conversions(logger, data.get("run_id"), issues)
 
         # make_jsonable leaves only JSON types, nested at most MAX_DEPTH levels, which
         # orjson always encodes.
         record = {"record_type": record_type, **converted}
+        if converted_key is not None and unconverted is not data:
+            record[converted_key] = data[converted_key]
         return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
     def _write_line(self, date: str, line: bytes) -> tuple[int, bool]:
@@ -296,17 +333,25 @@ class NDJSONWriter:
 
             _lock_file(fd)
             try:
-                linked = _is_linked_at(fd, self.file_path(date))
+                size = self._size_if_linked()
             except BaseException:
                 # The file lock must never outlive a failed append, or every other writer
                 # of this file would wait for it forever.
                 _unlock_file(fd)
                 raise
-            if not linked:
+            if size is None:
                 fd = self._reopen_replaced_file(fd, date)
             try:
-                torn = _ends_with_torn_line(fd)
-                _write_all(fd, b"\n" + line if torn else line)
+                if size is None:
+                    size = os.fstat(fd).st_size
+                # Every writer appends under the file lock, so a size other than this
+                # writer's last end means that another process wrote since, and its last
+                # line may be torn.
+                torn = size != self._end_offset and _ends_with_torn_line(fd, size)
+                data = b"\n" + line if torn else line
+                self._end_offset = -1
+                _write_all(fd, data)
+                self._end_offset = size + len(data)
             finally:
                 _unlock_file(fd)
 
@@ -333,9 +378,28 @@ class NDJSONWriter:
         else:
             # A new file's directory entry reaches the disk only with an fsync of the directory.
             _fsync_directory(self.directory)
+        try:
+            opened = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
         self._date = date
+        self._path = os.fspath(path)
+        self._file_id = (opened.st_ino, opened.st_dev)
+        self._end_offset = -1
         return fd
+
+    def _size_if_linked(self) -> int | None:
+        # Return the open file's size if its path still names it, else None. A stat of
+        # the path gives the open file's size too when it names the same inode.
+        try:
+            named = os.stat(self._path)
+        except FileNotFoundError:
+            return None
+        if (named.st_ino, named.st_dev) != self._file_id:
+            return None
+        return named.st_size
 
     def _reopen_replaced_file(self, fd: int, date: str) -> int:
         # Called with self._lock and the file lock on fd held. Lines written to a file that
@@ -571,7 +635,12 @@ def _run_batch_fsync(
 # -- file helpers -------------------------------------------------------------------------------
 
 
+# On POSIX the journal calls flock directly, the call that portalocker's default locker
+# makes too (portalocker 4.4), without portalocker's checks of its arguments on every append.
 def _lock_file(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
     try:
         portalocker.lock(fd, portalocker.LockFlags.EXCLUSIVE)
     except portalocker.LockException as exc:
@@ -579,24 +648,16 @@ def _lock_file(fd: int) -> None:
 
 
 def _unlock_file(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return
     try:
         portalocker.unlock(fd)
     except portalocker.LockException as exc:
         raise OSError(errno.ENOLCK, f"failed to unlock the journal file: {exc}") from exc
 
 
-def _is_linked_at(fd: int, path: Path) -> bool:
-    # Whether path still names the open file: the same inode on the same device.
-    try:
-        named = os.stat(path)
-    except FileNotFoundError:
-        return False
-    opened = os.fstat(fd)
-    return (named.st_ino, named.st_dev) == (opened.st_ino, opened.st_dev)
-
-
-def _ends_with_torn_line(fd: int) -> bool:
-    size = os.fstat(fd).st_size
+def _ends_with_torn_line(fd: int, size: int) -> bool:
     return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 
@@ -639,6 +700,29 @@ def _fsync_directory(directory: Path) -> None:
 
 
 # -- times of records ------------------------------------------------------------------------
+
+
+def _utc_date(value: str | datetime.datetime) -> str:
+    """Return the UTC date of a timestamp as YYYYMMDD, as _dates.utc_date does.
+
+    The client's own timestamps (``2026-12-04T19:34:17.123456+00:00``) are already in
+    UTC, so their date is cut from the text once it parses. Other values go through
+    utc_date, which also raises its errors.
+    """
+    if (
+        type(value) is str
+        and len(value) == 32
+        and value.endswith("+00:00")
+        and value[4] == "-"
+        and value[7] == "-"
+        and value[10] == "T"
+    ):
+        try:
+            datetime.datetime.fromisoformat(value)
+        except ValueError:
+            return utc_date(value)
+        return value[0:4] + value[5:7] + value[8:10]
+    return utc_date(value)
 
 
 def _time_keys(record_type: object) -> tuple[str, ...]:
