@@ -12,6 +12,7 @@ its own write transaction. Logger: ``telemetry.index``, the logger of telemetry.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import reprlib
 import sqlite3
@@ -157,7 +158,7 @@ def _check_version(path: Path, found: int) -> None:
     raise SchemaError(
         f"{path} has schema version {found}, but this version of agent-telemetry "
         f"supports schema version {SCHEMA_VERSION} at most: upgrade agent-telemetry, "
-        "or set db_path to another file"
+        "or point the db_path setting (TELEMETRY_DB_PATH) at another file"
     )
 
 
@@ -185,6 +186,13 @@ def _allowed_types() -> dict[str, tuple[type, ...]]:
 
 _ALLOWED_TYPES = _allowed_types()
 
+# Text columns whose ASCII strings are stored as they are: not a timestamp, not the status.
+_PLAIN_TEXT_COLUMNS = frozenset(
+    name
+    for name, kinds in _ALLOWED_TYPES.items()
+    if str in kinds and name not in _TIMESTAMP_COLUMNS and name != "status"
+)
+
 
 def _describe_types(name: str) -> str:
     names = [kind.__name__ for kind in _ALLOWED_TYPES[name]]
@@ -209,10 +217,34 @@ def _normalise_timestamp(name: str, value: str) -> str:
     Raises:
         ValueError: the text is not ISO 8601 with an offset. The message names the column.
     """
+    if _is_utc_text_form(value):
+        # Already the form get_iso8601_timestamp writes, which the client's own times have.
+        return value
     try:
         return get_iso8601_timestamp(parse_timestamp(value))
     except ValueError as exc:
         raise ValueError(f"invalid {name}: {exc}") from None
+
+
+def _is_utc_text_form(value: str) -> bool:
+    # Whether value is a valid time of the form 2026-12-04T19:34:17.123456+00:00. Once the
+    # separators are in place, fromisoformat checks every digit and range.
+    if not (
+        len(value) == 32
+        and value.endswith("+00:00")
+        and value[4] == "-"
+        and value[7] == "-"
+        and value[10] == "T"
+        and value[13] == ":"
+        and value[16] == ":"
+        and value[19] == "."
+    ):
+        return False
+    try:
+        datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _to_sql(name: str, value: Any, run_id: object) -> Any:
@@ -227,6 +259,10 @@ def _to_sql(name: str, value: Any, run_id: object) -> Any:
         ValueError: an integer outside 64 bits, a status not in models.STATUSES, or a
             timestamp that cannot be parsed.
     """
+    kind = type(value)
+    if kind is str and name in _PLAIN_TEXT_COLUMNS and value.isascii():
+        # The most common case, which the checks below would return unchanged.
+        return value
     allowed = _ALLOWED_TYPES[name]
     if value is None:
         if type(None) in allowed:
