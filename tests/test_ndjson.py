@@ -292,6 +292,45 @@ def test_torn_line_closed(tmp_path: Path, journal_logs: pytest.LogCaptureFixture
     assert any("torn last line" in text for text in messages(journal_logs))
 
 
+def test_torn_line_after_own_append(tmp_path: Path) -> None:
+    """A line torn by another process after this writer's own append is still closed."""
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+    writer = NDJSONWriter(tmp_path)
+    writer.append("event", {"run_id": "run-1", "event_type": "first"})
+    # Another process appends part of a line and dies before its newline.
+    fd = os.open(writer.file_path(today), os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b'{"record_type":"event","payl')
+    finally:
+        os.close(fd)
+
+    writer.append("event", {"run_id": "run-1", "event_type": "second"})
+    report = writer.read_file_report(today)
+    writer.close()
+
+    assert [record["event_type"] for record in report.records] == ["first", "second"]
+    assert report.corrupt_lines == 1
+
+
+def test_whole_foreign_line_after_own_append(tmp_path: Path) -> None:
+    """A whole line appended by another process between two appends is kept as it is."""
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+    writer = NDJSONWriter(tmp_path)
+    writer.append("event", {"run_id": "run-1", "event_type": "first"})
+    fd = os.open(writer.file_path(today), os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b'{"record_type":"event","run_id":"run-2","event_type":"foreign"}\n')
+    finally:
+        os.close(fd)
+
+    writer.append("event", {"run_id": "run-1", "event_type": "second"})
+    report = writer.read_file_report(today)
+    writer.close()
+
+    assert [record["event_type"] for record in report.records] == ["first", "foreign", "second"]
+    assert report.corrupt_lines == 0
+
+
 def test_read_garbage_lines(tmp_path: Path, journal_logs: pytest.LogCaptureFixture) -> None:
     """Non-JSON lines, arrays, scalars and invalid UTF-8 are skipped and counted."""
     writer = NDJSONWriter(tmp_path)
