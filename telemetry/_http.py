@@ -1,4 +1,5 @@
-"""HTTP helpers of the API client: Retry-After, redaction, limited reads, the shared SSL context.
+"""HTTP helpers of the API client: Retry-After, limited reads, the shared SSL context, and
+the masking of URL credentials in httpx's own log lines.
 
 None of these depend on APIClient. httpx is imported inside the functions that use it,
 never when this module is imported, so that telemetry imports and records runs without
@@ -11,6 +12,7 @@ import datetime
 import email.utils
 import functools
 import importlib.metadata
+import logging
 import math
 import os
 import re
@@ -18,7 +20,6 @@ import ssl
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     import httpx
@@ -27,7 +28,7 @@ __all__ = [
     "BODY_READ_LIMIT",
     "MASK",
     "_httpx_available",
-    "_mask_url_password",
+    "_mask_in_httpx_logs",
     "_parse_http_date",
     "_parse_retry_after",
     "_read_limited",
@@ -118,17 +119,6 @@ def _parse_http_date(text: str) -> datetime.datetime | None:
     return moment
 
 
-def _mask_url_password(url: str) -> tuple[str, str | None]:
-    """Return the URL with a password in its user info replaced by ***, and the password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url, None
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    masked = parts._replace(netloc=f"{user}:{MASK}@{hostport}").geturl()
-    return masked, parts.password
-
-
 @functools.lru_cache(maxsize=1)
 def _user_agent() -> str:
     try:
@@ -176,10 +166,61 @@ def _ssl_context() -> ssl.SSLContext | bool:
         return _ssl_context_cache
 
 
+class _SecretMaskingFilter(logging.Filter):
+    """Replace the registered secrets by *** in each record of the logger it is added to.
+
+    httpx logs every request at INFO as ``HTTP Request: POST <url> ...``, with the whole
+    URL, password and query included (httpx 0.29). A URL that carries a credential would
+    otherwise reach any host application that logs at INFO.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: tuple[str, ...] = ()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = self.secrets
+        if not secrets:
+            return True
+        message = record.getMessage()
+        masked = message
+        for secret in secrets:
+            masked = masked.replace(secret, MASK)
+        if masked != message:
+            record.msg = masked
+            record.args = None
+        return True
+
+
+_httpx_log_filter = _SecretMaskingFilter()
+_httpx_log_filter_lock = threading.Lock()
+
+
+def _mask_in_httpx_logs(secrets: tuple[str, ...]) -> None:
+    """Mask ``secrets`` in the records of the ``httpx`` logger from now on, in this process.
+
+    The filter is added to that logger once, and the secrets stay registered for the life
+    of the process. A filter on a logger applies to the records logged by that logger
+    only, not by its children, and httpx logs its requests on ``httpx`` itself.
+    """
+    if not secrets:
+        return
+    with _httpx_log_filter_lock:
+        known = set(_httpx_log_filter.secrets)
+        if known.issuperset(secrets):
+            return
+        # Longest first, so that a secret that contains another is masked whole.
+        _httpx_log_filter.secrets = tuple(sorted(known.union(secrets), key=len, reverse=True))
+        logger = logging.getLogger("httpx")
+        if _httpx_log_filter not in logger.filters:
+            logger.addFilter(_httpx_log_filter)
+
+
 def _reset_lock_after_fork() -> None:
     # A lock held by another thread at fork time stays locked forever in the child.
-    global _ssl_context_lock
+    global _ssl_context_lock, _httpx_log_filter_lock
     _ssl_context_lock = threading.Lock()
+    _httpx_log_filter_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

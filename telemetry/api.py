@@ -8,9 +8,11 @@ with the headers ``Authorization: Bearer <token>`` (when a token is set),
 Network and HTTP faults never raise: every post returns a PostResult, and retries and
 failures are logged on the ``telemetry.api`` logger. httpx is imported when a client with a
 configured API is created, not with this module, so without httpx posts are skipped,
-with one log line per process. The API token, and a password in api_url, are replaced
-by ``***`` in every message, log line and repr that this module writes. The helpers that
-do not depend on APIClient, such as the Retry-After parser, are in telemetry._http.
+with one log line per process. The API token, and the credentials written in api_url
+(its password, secret query values and the token itself, see config.mask_url), are
+replaced by ``***`` in every message, log line and repr that this module writes, and in
+httpx's log line of each request. The helpers that do not depend on APIClient, such as
+the Retry-After parser, are in telemetry._http.
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ from telemetry._http import (
     BODY_READ_LIMIT,
     MASK,
     _httpx_available,
-    _mask_url_password,
+    _mask_in_httpx_logs,
     _parse_retry_after,
     _read_limited,
     _read_limited_async,
     _ssl_context,
     _user_agent,
 )
-from telemetry.config import TelemetryConfig
+from telemetry.config import TelemetryConfig, mask_url, url_secrets
 from telemetry.encoding import dumps
 from telemetry.errors import ConfigError
 from telemetry.models import APIPayload
@@ -139,8 +141,12 @@ class APIClient:
         self._async_sleep = async_sleep
         self._clock = clock
         self._url = config.api_url or ""
-        self._display_url, url_password = _mask_url_password(self._url)
-        self._secrets = _secret_forms(token, url_password)
+        self._display_url = mask_url(self._url, [token])
+        self._secrets = _secret_forms(token, *url_secrets(self._url))
+        if self._display_url != self._url:
+            # httpx logs the whole URL of each request, so the credentials in it are
+            # masked in its log lines as well.
+            _mask_in_httpx_logs(self._secrets)
         self._base_headers = {"User-Agent": _user_agent()}
         if token is not None:
             self._base_headers["Authorization"] = f"Bearer {token}"

@@ -9,25 +9,28 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, unquote_plus, urlsplit
 
 from telemetry.errors import ConfigError
 
 __all__ = [
     "DURABILITY_MODES",
     "ENV_PREFIX",
+    "SECRET_QUERY_PARAMETERS",
     "ConfigSource",
     "ResolvedConfig",
     "TelemetryConfig",
     "default_data_dir",
+    "mask_url",
     "mask_url_password",
     "parse_bool",
     "resolve_config",
+    "url_secrets",
 ]
 
 ENV_PREFIX = "TELEMETRY_"
@@ -37,6 +40,30 @@ FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 MASK = "***"
 # A token must fit an HTTP header unchanged: visible ASCII, no spaces or control characters.
 _HEADER_TOKEN = re.compile(r"[!-~]+")
+
+SECRET_QUERY_PARAMETERS = frozenset(
+    {
+        "access_token",
+        "api_key",
+        "api_token",
+        "apikey",
+        "auth",
+        "auth_token",
+        "client_secret",
+        "key",
+        "passwd",
+        "password",
+        "secret",
+        "sig",
+        "signature",
+        "token",
+        "x_amz_security_token",
+        "x_amz_signature",
+        "x_goog_signature",
+    }
+)
+"""Names of URL query parameters whose values mask_url hides, compared in lower case and
+with "-" read as "_"."""
 
 ConfigSource = Literal["argument", "environment", "default"]
 Durability = Literal["fsync", "batch", "none"]
@@ -68,6 +95,68 @@ def mask_url_password(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{password}@", f":{MASK}@", 1)
     return parts._replace(netloc=netloc).geturl()
+
+
+def url_secrets(url: str) -> list[str]:
+    """Return the credentials written in ``url``: its password and secret query values.
+
+    A query value is secret when its parameter's name is in SECRET_QUERY_PARAMETERS. The
+    values are returned as they appear in the URL (percent-encoded) and decoded, without
+    duplicates and without empty strings. A URL that urlsplit rejects gives [].
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return []
+    found = [password] if password else []
+    for name, value in _query_pairs(parts.query):
+        if _is_secret_parameter(name):
+            found += [value, unquote_plus(value)]
+    return list(dict.fromkeys(secret for secret in found if secret))
+
+
+def mask_url(url: str, secrets: Iterable[str | None] = ()) -> str:
+    """Return ``url`` with every credential in it replaced by ***.
+
+    Masked are the password of the user information, the values of the query parameters
+    named in SECRET_QUERY_PARAMETERS, and each of ``secrets`` (such as the API token)
+    wherever it occurs in the URL, as plain text or percent-encoded. None and empty
+    strings in ``secrets`` are ignored.
+    """
+    masked = mask_url_password(url)
+    try:
+        parts = urlsplit(masked)
+    except ValueError:
+        parts = None
+    if parts is not None and parts.query:
+        pairs = []
+        for pair in parts.query.split("&"):
+            name, separator, _ = pair.partition("=")
+            secret = separator and _is_secret_parameter(name)
+            pairs.append(f"{name}={MASK}" if secret else pair)
+        masked = parts._replace(query="&".join(pairs)).geturl()
+
+    forms = {
+        form
+        for secret in secrets
+        if secret
+        for form in (secret, quote(secret, safe=""), quote(secret), quote_plus(secret, safe=""))
+    }
+    for form in sorted(forms, key=len, reverse=True):
+        masked = masked.replace(form, MASK)
+    return masked
+
+
+def _query_pairs(query: str) -> Iterator[tuple[str, str]]:
+    # Split by hand rather than with parse_qsl, so that the values stay as written.
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        yield name, value
+
+
+def _is_secret_parameter(name: str) -> bool:
+    return unquote_plus(name).strip().lower().replace("-", "_") in SECRET_QUERY_PARAMETERS
 
 
 def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -347,7 +436,8 @@ class TelemetryConfig:
     def describe(self) -> Iterator[tuple[str, str, object, ConfigSource]]:
         """Yield (name, environment variable, value, source) per setting.
 
-        The token and any password in api_url are masked.
+        The token is masked, and so are the credentials in api_url (see mask_url): its
+        password, its secret query values, and the token wherever it occurs in it.
         """
         for setting in _SETTINGS:
             yield (
@@ -362,7 +452,7 @@ class TelemetryConfig:
         if setting.secret and value is not None:
             return MASK
         if setting.name == "api_url" and value is not None:
-            return mask_url_password(value)
+            return mask_url(value, [self.api_token])
         return value
 
     def __repr__(self) -> str:

@@ -680,6 +680,44 @@ def test_repr_masks_url_password(make_client: ClientFactory, free_port: int) -> 
     assert result.success is False
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_log_masks_token_in_url(
+    mode: str,
+    api_server: ScriptedServer,
+    make_client: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The token written in the URL's path and query is masked in the failure log line."""
+    url = f"{api_server.base_url}/hooks/{TOKEN}?token={TOKEN}&region=eu"
+    client, _ = make_client(api_url=url, max_retries=0)
+    api_server.respond(500)
+
+    result = post(client, mode)
+    errors = [record.getMessage() for record in api_records(caplog, logging.ERROR)]
+
+    assert result.success is False
+    assert len(errors) == 1
+    assert TOKEN not in errors[0]
+    assert f"{api_server.base_url}/hooks/***?token=***&region=eu" in errors[0]
+    assert TOKEN not in repr(client)
+
+
+def test_log_masks_secret_query_value(
+    api_server: ScriptedServer, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A secret query value other than the configured token is masked in log lines too."""
+    client, _ = make_client(api_url=f"{api_server.url}?api_key=key-9c1e55&x=1", max_retries=0)
+    api_server.respond(500, body=b"bad api_key key-9c1e55")
+
+    result = post(client, "sync")
+    errors = [record.getMessage() for record in api_records(caplog, logging.ERROR)]
+
+    assert "key-9c1e55" not in result.message
+    assert len(errors) == 1
+    assert "key-9c1e55" not in errors[0]
+    assert "?api_key=***&x=1" in errors[0]
+
+
 # Threads and processes
 
 

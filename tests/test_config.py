@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from telemetry.config import TelemetryConfig, default_data_dir, parse_bool, resolve_config
+from telemetry.config import (
+    TelemetryConfig,
+    default_data_dir,
+    mask_url,
+    parse_bool,
+    resolve_config,
+    url_secrets,
+)
 from telemetry.errors import ConfigError, TelemetryError
 
 TOKEN = "tok-5ecret-8f2c41d9"  # distinctive, so a leak shows up as a substring
@@ -589,6 +596,74 @@ def test_url_password_masked() -> None:
     assert "hunter2secret" not in str(list(config.describe()))
     assert "hunter2secret" not in str(caught.value)
     assert "bob:***@127.0.0.1" in repr(config)
+
+
+def test_url_token_masked() -> None:
+    """The token's value is masked wherever api_url contains it, in every output."""
+    url = f"http://127.0.0.1:8080/hooks/{TOKEN}/runs?token={TOKEN}&region=eu"
+    config = TelemetryConfig(api_url=url, api_token=TOKEN, environ={})
+    invalid = TelemetryConfig(api_url="ftp" + url[4:], api_token=TOKEN, environ={})
+
+    with pytest.raises(ConfigError) as caught:
+        invalid.validate()
+    described = dict((name, value) for name, _, value, _ in config.describe())
+
+    assert TOKEN not in repr(config)
+    assert TOKEN not in str(caught.value)
+    assert described["api_url"] == "http://127.0.0.1:8080/hooks/***/runs?token=***&region=eu"
+
+
+def test_url_token_masked_from_environment() -> None:
+    """A token in TELEMETRY_API_URL is masked when both come from the environment."""
+    environ = {
+        "TELEMETRY_API_URL": f"http://127.0.0.1:8080/runs?t={TOKEN}",
+        "TELEMETRY_API_TOKEN": TOKEN,
+    }
+    config = TelemetryConfig(environ=environ)
+    assert TOKEN not in str(list(config.describe()))
+
+
+def test_resolve_config_masks_token_in_invalid_url() -> None:
+    """An invalid TELEMETRY_API_URL is reported with the token in it masked."""
+    environ = {
+        "TELEMETRY_API_URL": f"127.0.0.1:8080/runs?key={TOKEN}",
+        "TELEMETRY_API_TOKEN": TOKEN,
+    }
+    _, ignored = resolve_config(environ)
+    assert [error.key for error in ignored] == ["TELEMETRY_API_URL"]
+    assert TOKEN not in str(ignored[0])
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://127.0.0.1/r?token=abc&n=1", "http://127.0.0.1/r?token=***&n=1"),
+        ("http://127.0.0.1/r?API-Key=abc", "http://127.0.0.1/r?API-Key=***"),
+        ("http://127.0.0.1/r?sig=abc#part", "http://127.0.0.1/r?sig=***#part"),
+        ("http://127.0.0.1/r?flag&token", "http://127.0.0.1/r?flag&token"),
+        ("http://127.0.0.1/r?tokens=abc", "http://127.0.0.1/r?tokens=abc"),
+        ("http://u:pw@127.0.0.1/r", "http://u:***@127.0.0.1/r"),
+    ],
+)
+def test_mask_url_query(url: str, expected: str) -> None:
+    """Values of query parameters named like credentials are masked, and nothing else."""
+    assert mask_url(url) == expected
+
+
+def test_mask_url_encoded_secret() -> None:
+    """A secret is masked in its percent-encoded form too."""
+    assert mask_url("http://127.0.0.1/r?q=a%2Fb%2Bc", ["a/b+c"]) == "http://127.0.0.1/r?q=***"
+
+
+def test_mask_url_ignores_empty_secret() -> None:
+    """An empty or None secret masks nothing."""
+    assert mask_url("http://127.0.0.1/r", ["", None]) == "http://127.0.0.1/r"
+
+
+def test_url_secrets_lists_credentials() -> None:
+    """url_secrets returns the password and each secret query value, raw and decoded."""
+    secrets = url_secrets("http://u:pw@127.0.0.1/r?token=a%2Bb&n=1&key=")
+    assert secrets == ["pw", "a%2Bb", "a+b"]
 
 
 # -- resolve_config -------------------------------------------------------------------------
