@@ -48,6 +48,8 @@ from telemetry._schema import (
 
 # Re-exported because the tests read database._MIGRATIONS.
 from telemetry._schema import _MIGRATIONS as _MIGRATIONS
+from telemetry._sqlite_read_only import file_identity, read_only_uri, wal_files_kept
+from telemetry.errors import SchemaError
 from telemetry.models import SCHEMA_VERSION, STATUSES, RunRecord, get_iso8601_timestamp
 
 __all__ = ["DEFAULT_BUSY_TIMEOUT_MS", "RETRY_DELAYS", "TABLE", "DatabaseWriter"]
@@ -237,6 +239,29 @@ def _check_run_id(run_id: object) -> str:
     return run_id
 
 
+def _row_problem(row: sqlite3.Row) -> tuple[str, str] | None:
+    """Return (run_id, error) if RunRecord cannot read ``row``, read with bytes for text."""
+    raw_id = row["run_id"]
+    if isinstance(raw_id, bytes):
+        run_id = raw_id.decode("utf-8", errors="backslashreplace")
+    else:
+        run_id = str(raw_id)
+    values: dict[str, Any] = {}
+    for name in row.keys():  # noqa: SIM118 - sqlite3.Row is not iterable by key
+        value = row[name]
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return run_id, f"{name} is not valid UTF-8 text: {exc}"
+        values[name] = value
+    try:
+        RunRecord.from_dict(values)
+    except (ValueError, TypeError) as exc:
+        return run_id, str(exc)
+    return None
+
+
 def _is_busy(error: sqlite3.OperationalError) -> bool:
     # Python 3.10 has no sqlite_errorcode attribute, so the message is the only sign.
     message = str(error).lower()
@@ -281,6 +306,12 @@ class _OpenConnection:
     connection: sqlite3.Connection
     pid: int
     thread: threading.Thread
+
+
+class _ImmutableConnection(sqlite3.Connection):
+    """A connection opened with ``immutable=1``, and file_identity() of the file then."""
+
+    opened_identity: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 class _ThreadState(threading.local):
@@ -365,17 +396,28 @@ class DatabaseWriter:
     Opening creates the file's directory (mode 0o700) and the file (mode 0o600) when they
     are missing, then creates or migrates the schema in one transaction.
 
+    With ``read_only``, opening creates no file, changes nothing and never migrates.
+    Every connection is opened with SQLite's ``mode=ro``, and writes fail with
+    sqlite3.OperationalError ("attempt to write a readonly database"). A reader that is
+    not the file's owner never lets SQLite create the -wal and -shm files, which would
+    lock the owner's agents out. telemetry._sqlite_read_only explains how, and when it
+    reads the file with ``immutable=1``.
+
     Args:
         path: the database file.
         sleep: called with the delay before each retry of a locked write; tests pass a
             recorder in place of time.sleep.
         busy_timeout_ms: how long SQLite itself waits for a lock before each attempt fails.
+        read_only: open the existing file for reading only.
 
     Raises:
         sqlite3.DatabaseError: the file is not an SQLite database.
         SchemaError: the schema is newer than this library, or the file has an agent_runs
-            table that this library did not create.
-        OSError: the directory or the file cannot be created.
+            table that this library did not create. With ``read_only``, also a schema
+            older than SCHEMA_VERSION, which only a writer may migrate.
+        OSError: the directory or the file cannot be created. With ``read_only``:
+            FileNotFoundError, IsADirectoryError, or PermissionError when the file, its
+            -wal or its -shm file cannot be read.
 
     Every method may raise ``sqlite3.Error`` for a storage fault. Writes that find the
     database locked are retried after each delay in RETRY_DELAYS, with a WARNING per
@@ -390,6 +432,7 @@ class DatabaseWriter:
         *,
         sleep: Callable[[float], None] = time.sleep,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        read_only: bool = False,
     ) -> None:
         if not isinstance(busy_timeout_ms, int) or isinstance(busy_timeout_ms, bool):
             raise TypeError(f"invalid busy_timeout_ms {busy_timeout_ms!r}: expected an int")
@@ -399,14 +442,16 @@ class DatabaseWriter:
         self.path = Path(os.path.abspath(os.fspath(path)))
         self._sleep = sleep
         self._busy_timeout_ms = busy_timeout_ms
+        self.read_only = bool(read_only)
         self._lock = threading.Lock()
         self._open_connections: list[_OpenConnection] = []
         self._generation = 0
         self._thread_state = _ThreadState()
         _live_writers.add(self)
 
-        _create_private_parents(self.path.parent)
-        _create_private_file(self.path)
+        if not self.read_only:
+            _create_private_parents(self.path.parent)
+            _create_private_file(self.path)
         try:
             self._migrate()
         except BaseException:
@@ -784,6 +829,33 @@ class DatabaseWriter:
             rows = self._connection().execute(f"SELECT run_id, status FROM {TABLE}").fetchall()
         return {run_id: status for run_id, status in rows}
 
+    def unreadable_rows(self) -> list[tuple[str, str]]:
+        """Read every row and return (run_id, error) for each one that RunRecord cannot read.
+
+        A row is unreadable when a text value is not valid UTF-8, or when
+        RunRecord.from_dict rejects it, for instance a metrics_json that is not valid
+        JSON. Reads such a row would fail with ValueError or sqlite3.OperationalError. A
+        run_id that is not valid UTF-8 is returned with its bad bytes as ``\\x..`` escapes.
+        The rows are read in rowid order, one at a time, so memory does not grow with the
+        table.
+        """
+        sql = f"SELECT {_SELECT_COLUMNS} FROM {TABLE} ORDER BY rowid"
+        connection = self._connection()
+        unreadable: list[tuple[str, str]] = []
+        with _fork_gate.entered():
+            # The connection belongs to this thread, so the text_factory set here for the
+            # scan changes no read in another thread. Bytes let one row with invalid
+            # UTF-8 be reported instead of ending the scan.
+            connection.text_factory = bytes
+            try:
+                for row in connection.execute(sql):
+                    problem = _row_problem(row)
+                    if problem is not None:
+                        unreadable.append(problem)
+            finally:
+                connection.text_factory = str
+        return unreadable
+
     def get_pending_api_posts(self, limit: int | None = 100) -> list[RunRecord]:
         """Return ended runs not yet posted to the API, oldest start_time first.
 
@@ -956,6 +1028,12 @@ class DatabaseWriter:
         _check_version(self.path, found)
         if found == SCHEMA_VERSION:
             return
+        if self.read_only:
+            raise SchemaError(
+                f"{self.path} has schema version {found}, older than schema version "
+                f"{SCHEMA_VERSION} that read-only access needs: open it once for writing "
+                "to migrate it, as every agent and 'telemetry check' do"
+            )
 
         def migrate(connection: sqlite3.Connection) -> None:
             _apply_migrations(connection, self.path)
@@ -1036,7 +1114,19 @@ class DatabaseWriter:
             and state.pid == pid
             and state.generation == self._generation
         ):
-            return state.connection
+            current = state.connection
+            if not isinstance(current, _ImmutableConnection):
+                return current
+            if current.opened_identity == file_identity(self.path):
+                return current
+            # A writer changed the file since this connection opened it, and an immutable
+            # connection never notices that by itself, so its page cache may be stale.
+            with self._lock:
+                self._open_connections = [
+                    entry for entry in self._open_connections if entry.connection is not current
+                ]
+            current.close()
+            state.connection = None
 
         # In a forked child the inherited connection is replaced but stays referenced in
         # _open_connections, so its finalizer cannot close the parent's files here.
@@ -1069,6 +1159,8 @@ class DatabaseWriter:
         check_same_thread is off only so that close() and the cleanup of finished threads
         can close connections of other threads. Otherwise each thread uses its own.
         """
+        if self.read_only:
+            return self._open_read_only()
         # mode=rw: a file deleted since __init__ raises here. Otherwise SQLite would create
         # a new file without the schema and with the umask's mode instead of 0o600.
         uri = f"file:{urllib.request.pathname2url(str(self.path))}?mode=rw"
@@ -1094,5 +1186,37 @@ class DatabaseWriter:
         except BaseException:
             connection.close()
             raise
+        connection.row_factory = sqlite3.Row
+        return connection
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """Open a connection that reads ``path`` with SQLite's mode=ro.
+
+        SQLite may create the -wal and -shm files only when they would belong to the
+        file's owner, as read_only_uri decides.
+        """
+        with wal_files_kept(self.path, self._busy_timeout_ms / 1000):
+            uri = read_only_uri(self.path)
+            identity = file_identity(self.path)
+            immutable = uri.endswith("&immutable=1")
+            connection = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=self._busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+                factory=_ImmutableConnection if immutable else sqlite3.Connection,
+            )
+            try:
+                connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+                connection.execute("PRAGMA query_only = ON")
+                # The first read opens the -wal and -shm files and takes SQLite's shared
+                # lock, which from then on keeps a closing writer from deleting them.
+                connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            except BaseException:
+                connection.close()
+                raise
+        if isinstance(connection, _ImmutableConnection):
+            connection.opened_identity = identity
         connection.row_factory = sqlite3.Row
         return connection

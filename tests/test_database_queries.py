@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,6 +226,67 @@ def test_run_statuses_values(writer: DatabaseWriter) -> None:
 def test_run_statuses_empty(writer: DatabaseWriter) -> None:
     """An empty index has no statuses."""
     assert writer.run_statuses() == {}
+
+
+# -- unreadable_rows --------------------------------------------------------------------
+
+
+def damage_rows(path: Path, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+    """Run ``statements`` on ``path`` through a plain sqlite3 connection, as damage would."""
+    connection = sqlite3.connect(path)
+    try:
+        for sql, parameters in statements:
+            connection.execute(sql, parameters)
+        connection.commit()
+    finally:
+        connection.close()
+
+
+def test_unreadable_rows_none(writer: DatabaseWriter) -> None:
+    """An index of readable rows, or an empty one, reports no unreadable row."""
+    assert writer.unreadable_rows() == []
+    writer.load_runs([full_record("run-1"), make_record("run-2")])
+    assert writer.unreadable_rows() == []
+
+
+def test_unreadable_rows_bad_json(writer: DatabaseWriter) -> None:
+    """A metrics_json that is not JSON is reported with its run_id, and the scan goes on."""
+    writer.load_runs([make_record(f"run-{number}") for number in range(5)])
+    damage_rows(
+        writer.path,
+        [("UPDATE agent_runs SET metrics_json = '{bad' WHERE run_id IN ('run-1', 'run-3')", ())],
+    )
+    found = writer.unreadable_rows()
+    assert [run_id for run_id, _ in found] == ["run-1", "run-3"]
+    assert "metrics_json" in found[0][1]
+
+
+def test_unreadable_rows_invalid_utf8(writer: DatabaseWriter) -> None:
+    """Text that is not UTF-8, even in run_id, is reported instead of ending the scan."""
+    writer.load_runs([make_record("run-1"), make_record("run-2")])
+    damage_rows(
+        writer.path,
+        [
+            (
+                "UPDATE agent_runs SET agent_name = CAST(? AS TEXT) WHERE run_id = 'run-1'",
+                (b"\xff",),
+            ),
+            ("UPDATE agent_runs SET run_id = CAST(? AS TEXT) WHERE run_id = 'run-2'", (b"r\xfe",)),
+        ],
+    )
+    found = dict(writer.unreadable_rows())
+    assert sorted(found) == ["r\\xfe", "run-1"]
+    assert "agent_name is not valid UTF-8" in found["run-1"]
+    assert "run_id is not valid UTF-8" in found["r\\xfe"]
+
+
+def test_unreadable_rows_keeps_text_factory(writer: DatabaseWriter) -> None:
+    """After the scan, reads in the same thread return str again."""
+    writer.load_runs([make_record("run-1")])
+    writer.unreadable_rows()
+    run = writer.get_run("run-1")
+    assert run is not None
+    assert run.agent_name == "agent-a"
 
 
 def test_delete_runs_cutoff(writer: DatabaseWriter) -> None:
