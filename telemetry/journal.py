@@ -22,7 +22,7 @@ import os
 import time
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -35,6 +35,7 @@ from telemetry.encoding import INT64_MAX, INT64_MIN
 from telemetry.models import STATUSES, RunEvent, RunRecord, parse_timestamp
 
 __all__ = [
+    "FOLLOW_MAX_DAYS_AHEAD",
     "RECORD_TYPES",
     "ROLL_OVER_GRACE_POLLS",
     "ROLL_OVER_GRACE_SECONDS",
@@ -61,6 +62,11 @@ _FOLLOW_WARNING_EVERY = 100
 # can let another process create the next day's file first.
 ROLL_OVER_GRACE_POLLS = 8
 ROLL_OVER_GRACE_SECONDS = 2.0
+
+FOLLOW_MAX_DAYS_AHEAD = 1
+"""follow() moves on to a later file only when it is dated at most this many days after
+today's UTC date. A file dated further ahead was written under a wrong clock or copied in,
+and moving on to it would hide every record appended to today's file."""
 
 _DATE_ARGUMENT_FORMS = "YYYYMMDD, YYYY-MM-DD or a datetime.date, such as 20261204"
 
@@ -90,6 +96,9 @@ class JournalRuns(NamedTuple):
     """Number of files read."""
     corrupt_lines: dict[Path, int]
     """Number of lines skipped per file. Files without skipped lines are left out."""
+    torn_lines: Mapping[Path, int] = types.MappingProxyType({})
+    """Of ``corrupt_lines``, the lines that are the start of a JSON object cut short, as a
+    crash during an append leaves them, per file. Files without such lines are left out."""
 
 
 class JournalReader:
@@ -171,7 +180,7 @@ class JournalReader:
             return JournalReadResult(path, [], 0)
 
         if corrupt:
-            logger.warning("skipped %d corrupt lines in %s", corrupt, path)
+            logger.warning("skipped %s in %s", _corrupt_lines(corrupt), path)
         return JournalReadResult(path, records, corrupt)
 
     def run_records(
@@ -209,7 +218,7 @@ class JournalReader:
             except FileNotFoundError:
                 continue
             if corrupt:
-                logger.warning("skipped %d corrupt lines in %s", corrupt, journal_file.path)
+                logger.warning("skipped %s in %s", _corrupt_lines(corrupt), journal_file.path)
         return selected
 
     # -- folding ------------------------------------------------------------------------------
@@ -226,7 +235,9 @@ class JournalReader:
         field, each value of its field's type, integers within 64 bits, a known status,
         and times in ISO 8601 with an offset. Event lines are checked against the RunEvent
         fields in the same way. One WARNING per file gives the count and the first problem.
-        A file deleted while the journal is read is skipped with a WARNING.
+        A file deleted while the journal is read is skipped with a WARNING. Corrupt lines
+        that are the start of a JSON object cut short, as a crash during an append leaves
+        them, are counted in ``torn_lines`` as well.
 
         Args:
             progress: called as ``progress(files_done, files_total)`` after each file.
@@ -240,11 +251,12 @@ class JournalReader:
         run_lines: dict[str, dict[str, Any]] = {}
         ended: set[str] = set()
         corrupt_lines: dict[Path, int] = {}
+        torn_lines: dict[Path, int] = {}
         files_read = 0
 
         for done, journal_file in enumerate(journal_files, start=1):
             try:
-                corrupt = _fold_file(journal_file.path, run_lines, ended)
+                corrupt, torn = _fold_file(journal_file.path, run_lines, ended)
             except FileNotFoundError:
                 logger.warning(
                     "journal file %s was deleted while the journal was read, so its runs are "
@@ -255,11 +267,13 @@ class JournalReader:
                 files_read += 1
                 if corrupt:
                     corrupt_lines[journal_file.path] = corrupt
+                if torn:
+                    torn_lines[journal_file.path] = torn
             if progress is not None:
                 progress(done, len(journal_files))
 
         runs = {run_id: _run_from_line(line) for run_id, line in run_lines.items()}
-        return JournalRuns(runs, files_read, corrupt_lines)
+        return JournalRuns(runs, files_read, corrupt_lines, torn_lines)
 
     # -- following ----------------------------------------------------------------------------
 
@@ -278,11 +292,14 @@ class JournalReader:
         (YYYYMMDD or YYYY-MM-DD), waiting for it when it is missing. When it has read to the
         end of its file and a later-dated file exists, it reads the old file to its end once
         more and moves on to the earliest later-dated file, from its start. That is the
-        midnight roll-over, and it needs no clock. A line is yielded once its newline has
-        arrived. A file that is deleted or replaced under the reader is opened again and
-        read from its start, and a file cut shorter than the position read is read again
-        from its start, each with a WARNING. Corrupt lines are skipped with a WARNING (the
-        first five per file, then every 100th).
+        midnight roll-over. A later file dated more than FOLLOW_MAX_DAYS_AHEAD days after
+        ``today()`` is ignored, with one WARNING per file, because following it would hide
+        the records appended to today's file. ``today()`` is called at each look for a
+        later file. A line is yielded once its newline has arrived. A file that is deleted
+        or replaced under the reader is opened again and read from its start, and a file
+        cut shorter than the position read is read again from its start, each with a
+        WARNING. Corrupt lines are skipped with a WARNING (the first five per file, then
+        every 100th).
 
         After a roll-over the previous file is still read during a grace period, because a
         record dated before midnight can be appended after the next day's file appeared.
@@ -297,8 +314,8 @@ class JournalReader:
 
         NOTE: lines appended to a file after the grace period are never yielded, such as
         a run_end dated yesterday by a process whose clock is late by more than that. A file
-        dated in the future, written under a wrong clock, makes the reader move on to it as
-        soon as today's file is read.
+        dated tomorrow by a process whose clock is ahead makes the reader move on to it
+        before midnight.
 
         Raises:
             TypeError: ``backlog`` is not an int, or ``poll_interval`` is not a number.
@@ -331,6 +348,12 @@ class JournalReader:
     ) -> Iterator[dict[str, Any]]:
         date = normalise_date(today())
         warnings = RepeatLimiter(burst=_FOLLOW_WARNING_BURST, every=_FOLLOW_WARNING_EVERY)
+        # Files dated too far ahead that were logged as ignored, each once.
+        ignored_files: set[Path] = set()
+
+        def next_file_after(date: str) -> JournalFile | None:
+            return self._next_file_after(date, normalise_date(today()), ignored_files)
+
         followed: _FollowedFile | None = None
         # The file before the last roll-over while its grace period lasts, and the number
         # of sleeps left in that period.
@@ -346,7 +369,7 @@ class JournalReader:
                     followed = _FollowedFile.open(self._path_of(date), date, warnings)
                     if followed is None:
                         first_open = False
-                        later = self._next_file_after(date)
+                        later = next_file_after(date)
                         if later is not None:
                             date = later.date
                             continue
@@ -370,7 +393,7 @@ class JournalReader:
                     if state == "rewound":
                         continue
 
-                    later = self._next_file_after(followed.date)
+                    later = next_file_after(followed.date)
                     if later is not None:
                         # Lines appended before the later file appeared are in the file by now.
                         while (records := followed.read_available()) is not None:
@@ -405,9 +428,37 @@ class JournalReader:
     def _path_of(self, date: str) -> Path:
         return self.directory / file_name(date)
 
-    def _next_file_after(self, date: str) -> JournalFile | None:
-        later = [journal_file for journal_file in self.files(date) if journal_file.date > date]
-        return later[0] if later else None
+    def _next_file_after(
+        self, date: str, today: str, ignored_files: set[Path]
+    ) -> JournalFile | None:
+        """Return the earliest file dated after ``date`` and at most FOLLOW_MAX_DAYS_AHEAD
+        days after ``today``, and log a WARNING once per file dated further ahead."""
+        last_date = _add_days(today, FOLLOW_MAX_DAYS_AHEAD)
+        for journal_file in self.files(date):
+            if journal_file.date <= date:
+                continue
+            if journal_file.date <= last_date:
+                return journal_file
+            if journal_file.path not in ignored_files:
+                ignored_files.add(journal_file.path)
+                logger.warning(
+                    "ignoring journal file %s while following, because it is dated more than "
+                    "%d day after today (%s UTC): it was written under a wrong clock or "
+                    "copied in; 'telemetry check' lists such files",
+                    journal_file.path,
+                    FOLLOW_MAX_DAYS_AHEAD,
+                    today,
+                )
+        return None
+
+
+def _add_days(date: str, days: int) -> str:
+    """Return the YYYYMMDD date ``days`` after ``date``, or "99991231" past the last date."""
+    try:
+        later = datetime.datetime.strptime(date, "%Y%m%d") + datetime.timedelta(days=days)
+    except OverflowError:
+        return "99991231"
+    return later.strftime("%Y%m%d")
 
 
 def _grace_sleeps(poll_interval: float) -> int:
@@ -428,8 +479,11 @@ class _FollowedFile:
         self.date = date
         self._fd = fd
         self._warnings = warnings
-        # Bytes after the last newline read, and the file offset where they start.
-        self._pending = b""
+        # The chunks read after the last newline, their total size, and the file offset
+        # where they start. They stay unjoined until the newline arrives, so that a long
+        # line is copied once.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self._pending_offset = 0
 
     @classmethod
@@ -450,12 +504,12 @@ class _FollowedFile:
 
     def close_after_grace(self) -> None:
         """Close the file at the end of its grace period, with a WARNING for an unfinished line."""
-        if self._pending.strip():
+        if any(chunk.strip() for chunk in self._pending):
             logger.warning(
                 "dropped the unfinished last line of %s (%d bytes at offset %d), because the "
                 "reader moved on to a later file and no newline followed within the grace period",
                 self.path,
-                len(self._pending),
+                self._pending_size,
                 self._pending_offset,
             )
         self.close()
@@ -506,7 +560,7 @@ class _FollowedFile:
                 self.path,
             )
             return "gone"
-        if opened.st_size < self._pending_offset + len(self._pending):
+        if opened.st_size < self._pending_offset + self._pending_size:
             logger.warning(
                 "journal file %s shrank to %d bytes while followed, so it is read again from "
                 "its start",
@@ -514,19 +568,33 @@ class _FollowedFile:
                 opened.st_size,
             )
             os.lseek(self._fd, 0, os.SEEK_SET)
-            self._pending = b""
+            self._pending = []
+            self._pending_size = 0
             self._pending_offset = 0
             return "rewound"
         return "same"
 
     def _records_of(self, chunk: bytes) -> list[dict[str, Any]]:
-        # Split the unfinished line plus the chunk into whole lines, and keep the new
-        # unfinished line for the next chunk.
-        lines = (self._pending + chunk).split(b"\n")
-        offset = self._pending_offset
-        self._pending = lines.pop()
-        self._pending_offset = offset + sum(len(line) + 1 for line in lines)
+        # Only the new chunk is searched for a newline. Without one, the chunk is kept
+        # as it is, so a line of n chunks costs O(n) and not O(n**2) copying.
+        last_newline = chunk.rfind(b"\n")
+        if last_newline < 0:
+            self._pending.append(chunk)
+            self._pending_size += len(chunk)
+            return []
 
+        whole = chunk[: last_newline + 1]
+        if self._pending:
+            self._pending.append(whole)
+            whole = _join_chunks(self._pending)
+        rest = chunk[last_newline + 1 :]
+        offset = self._pending_offset
+        self._pending = [rest] if rest else []
+        self._pending_size = len(rest)
+        self._pending_offset = offset + len(whole)
+
+        lines = whole.split(b"\n")
+        lines.pop()  # the empty text after the last newline
         records: list[dict[str, Any]] = []
         for line in lines:
             line_offset = offset
@@ -549,18 +617,56 @@ class _FollowedFile:
         return records
 
 
+def _join_chunks(chunks: list[bytes]) -> bytes:
+    """Join the chunks of a line that spans several reads; one copy of every byte."""
+    return b"".join(chunks)
+
+
 # -- parsing and checking lines -----------------------------------------------------------------
 
 
+_TORN_LINE = "a JSON object cut short, as a crash during an append leaves it"
+
+
 def _parse_line(line: bytes) -> tuple[dict[str, Any] | None, str]:
-    """Parse one line into a JSON object, or return None and the reason it is corrupt."""
+    """Parse one line into a JSON object, or return None and the reason it is corrupt.
+
+    The reason of a torn line, the start of a JSON object cut short, is _TORN_LINE.
+    """
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
+        if _is_torn(line):
+            return None, _TORN_LINE
         return None, f"invalid JSON: {exc}"
     if not isinstance(value, dict):
         return None, f"a JSON {type(value).__name__}, not an object"
     return value, ""
+
+
+def _is_torn(line: bytes) -> bool:
+    """Return whether ``line`` is the start of a JSON object that ends too early.
+
+    A crash during an append leaves such a line, and the next writer ends it with a
+    newline. The test: the line starts with "{" and the JSON parser reaches the end of the
+    line inside the object, which orjson reports as "unexpected end of data" (orjson 3.13,
+    pinned by the tests of fold_runs). A cut inside a multi-byte character leaves an
+    incomplete UTF-8 sequence at the very end, which is dropped first.
+    """
+    text = line.strip()
+    if not text.startswith(b"{"):
+        return False
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason != "unexpected end of data" or exc.end != len(text):
+            return False
+        text = text[: exc.start]
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return exc.msg == "unexpected end of data"
+    return False
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
@@ -578,8 +684,10 @@ def _read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
             yield number, record, problem
 
 
-def _fold_file(path: Path, run_lines: dict[str, dict[str, Any]], ended: set[str]) -> int:
-    """Fold the run lines of one file into ``run_lines`` and return the corrupt line count.
+def _fold_file(
+    path: Path, run_lines: dict[str, dict[str, Any]], ended: set[str]
+) -> tuple[int, int]:
+    """Fold the run lines of one file into ``run_lines``; return the corrupt and torn counts.
 
     ``ended`` contains the ids of the runs in ``run_lines`` that come from a run_end line.
 
@@ -587,13 +695,15 @@ def _fold_file(path: Path, run_lines: dict[str, dict[str, Any]], ended: set[str]
         FileNotFoundError: ``path`` does not exist.
         OSError: it cannot be read.
     """
-    corrupt = 0
+    corrupt = torn = 0
     first_problem = ""
     for number, record, problem in _read_lines(path):
         if record is not None:
             problem = _check_record(record)
         if record is None or problem:
             corrupt += 1
+            if problem == _TORN_LINE:
+                torn += 1
             first_problem = first_problem or f"line {number}: {problem}"
             continue
 
@@ -606,9 +716,13 @@ def _fold_file(path: Path, run_lines: dict[str, dict[str, Any]], ended: set[str]
 
     if corrupt:
         logger.warning(
-            "skipped %d corrupt lines in %s, the first at %s", corrupt, path, first_problem
+            "skipped %s in %s, the first at %s", _corrupt_lines(corrupt), path, first_problem
         )
-    return corrupt
+    return corrupt, torn
+
+
+def _corrupt_lines(count: int) -> str:
+    return "1 corrupt line" if count == 1 else f"{count} corrupt lines"
 
 
 def _check_record(record: dict[str, Any]) -> str:

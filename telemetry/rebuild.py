@@ -6,7 +6,8 @@ transaction. A usable index file is never renamed or replaced, because agents' p
 may have it open, and their connections keep using the -wal and -shm files at the index's
 path. In a test with SQLite 3.40, a connection to the old file wrote into the -wal file
 of a file renamed over it, and new connections then read the old rows. The old index is
-first copied to ``<db_path>.bak``.
+first copied to ``<db_path>.bak``, or, when it is damaged, to a name with the time that
+no later rebuild replaces.
 
 The copy uses one SQL transaction rather than SQLite's backup API, because a backup into
 the index cannot start while a connection to the index has a transaction open (Python
@@ -26,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import enum
 import itertools
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -54,13 +57,33 @@ from telemetry.database import DatabaseWriter
 from telemetry.errors import SchemaError
 from telemetry.journal import JournalReader
 from telemetry.models import RunRecord
+from telemetry.stale import process_is_gone
 
-__all__ = ["BACKUP_SUFFIX", "RebuildResult", "rebuild_index"]
+__all__ = [
+    "BACKUP_SUFFIX",
+    "DAMAGED_BACKUP_SUFFIX",
+    "RebuildResult",
+    "find_leftover_files",
+    "rebuild_index",
+]
 
 logger = logging.getLogger("telemetry.rebuild")
 
 BACKUP_SUFFIX = ".bak"
-"""Added to the index's file name to name the copy of the old index."""
+"""Added to the index's file name to name the copy of a usable old index. Each rebuild
+replaces that copy."""
+
+DAMAGED_BACKUP_SUFFIX = ".bak-%Y%m%dT%H%M%SZ"
+"""Added, as a strftime format of the UTC time, to the index's file name to name the copy
+of a damaged old index, such as ``telemetry.db.bak-20261204T231500Z``. No later rebuild
+replaces it, because it may hold the only copy of rows that the journal lacks."""
+
+# The new files of a rebuild beside the index: "<index name>.<purpose>-<pid>-<hex>", as
+# telemetry._sqlite_files.scratch_path names them, and their -wal, -shm and -journal files.
+_SCRATCH_PURPOSES = ("rebuild", "repair", "salvage")
+_SCRATCH_NAME = re.compile(
+    r"(?:" + "|".join(_SCRATCH_PURPOSES) + r")-(?P<pid>[0-9]+)-[0-9a-f]+(?:-wal|-shm|-journal)?"
+)
 
 WRITE_BATCH_SIZE = 1000
 """Runs written to the new file per transaction, and per call of progress("write", ...)."""
@@ -99,6 +122,10 @@ _MERGE_SQL = (
     + " OR ".join(f"live.{name} IS NOT excluded.{name}" for name in _JOURNALED_COLUMNS)
     + ")"
 )
+_INDEX_ONLY_SQL = (
+    f"SELECT COUNT(*) FROM main.{TABLE} AS live WHERE NOT EXISTS "
+    f"(SELECT 1 FROM rebuilt.{TABLE} AS excluded WHERE excluded.run_id = live.run_id)"
+)
 _KEPT_SYNC_STATE_SQL = (
     f"SELECT COUNT(*) FROM rebuilt.{TABLE} AS excluded "
     f"JOIN main.{TABLE} AS live ON live.run_id = excluded.run_id "
@@ -121,6 +148,13 @@ class RebuildResult(NamedTuple):
     """Runs whose API sync state and updated_at were taken from the old index."""
     rejected_runs: int
     """Runs of the journal that the index rejected and that are left out (each logged)."""
+    index_only_rows: int = 0
+    """Rows of the old index that no journal line describes, kept as they were."""
+    damaged_backup: bool = False
+    """Whether ``backup_path`` is a damaged old index, under a name that no later rebuild
+    replaces (DAMAGED_BACKUP_SUFFIX)."""
+    removed_files: tuple[Path, ...] = ()
+    """Files left beside the index by rebuilds whose process is gone, removed first."""
 
 
 def rebuild_index(
@@ -139,9 +173,13 @@ def rebuild_index(
     2. Write the runs into a new file beside ``db_path``, with the API sync state of each
        run reset to pending, calling ``progress("write", runs_done, runs_total)``.
     3. Copy the old index to ``db_path + BACKUP_SUFFIX`` with SQLite's backup API,
-       replacing an older backup and its -wal and -shm files.
+       replacing an older backup and its -wal and -shm files. A damaged old index goes to
+       a new name instead, made with DAMAGED_BACKUP_SUFFIX, which no rebuild replaces.
     4. Copy the new rows into the index in one write transaction, merged as below, and
        delete the new file.
+
+    Before step 1, the files that killed rebuilds left beside the index are removed (see
+    find_leftover_files).
 
     The merge makes the rebuilt index equal to a live one for the same runs. For a run whose
     index row has the same status, the API sync columns (api_posted, api_posted_at,
@@ -154,7 +192,7 @@ def rebuild_index(
     the latter.
 
     An index that SQLite cannot read or that fails its integrity check is damaged. Its
-    file and -wal file are copied byte for byte to the backup in step 3, and step 4 keeps
+    file and -wal file are copied byte for byte to its backup in step 3, and step 4 keeps
     what it can of its rows:
 
     - REINDEX runs on a second copy of the damaged files. When that copy then passes the
@@ -171,10 +209,10 @@ def rebuild_index(
       damaged index has are kept. SQLite's backup API then replaces every page of the
       damaged index with that file's pages.
 
-    Two kinds of index are renamed to the backup path instead, with their -wal and -shm
-    files: a file that is not an SQLite database, and a damaged index that the backup API
-    cannot write, such as one in WAL mode with another page size. The new rows, merged
-    with what was salvaged, then go into a new index.
+    Two kinds of index are renamed to the backup name of a damaged index instead, with
+    their -wal and -shm files. One is a file that is not an SQLite database. The other is
+    a damaged index that the backup API cannot write, such as one in WAL mode with another
+    page size. The new rows, merged with what was salvaged, then go into a new index.
 
     A failure or an exception from ``progress`` before step 3 leaves the index and its
     backup untouched. A failure in step 4 rolls the transaction back, so the index keeps
@@ -187,9 +225,10 @@ def rebuild_index(
     next rebuild adds them. When the pages of a damaged index are replaced, the rows that
     agents wrote to it after its copy in step 3 are lost from it in the same way, and are
     in the journal too.
-    NOTE: a rebuild killed in step 2 or 4 may leave its new file, ``<db name>.rebuild-*``,
-    or the copies of a damaged index, ``<db name>.repair-*`` and ``<db name>.salvage-*``,
-    beside the index. Delete them by hand.
+
+    A rebuild killed in step 2 or 4 may leave its new file, ``<db name>.rebuild-*``, or
+    the copies of a damaged index, ``<db name>.repair-*`` and ``<db name>.salvage-*``,
+    beside the index. The next rebuild removes them.
 
     Args:
         db_path: the index file. It need not exist.
@@ -200,7 +239,9 @@ def rebuild_index(
 
     Returns:
         The counts of runs, files, corrupt lines and rejected runs, the backup's path (None
-        when there was no index), and the number of runs whose sync state was kept.
+        when there was no index) and whether it is a damaged index, the number of runs
+        whose sync state was kept, the number of rows only the old index had, and the
+        leftover files removed.
 
     Raises:
         SchemaError: the index was written by a newer version of agent-telemetry, or has
@@ -224,6 +265,7 @@ def rebuild_index(
     # Fail before the long read on an index that rebuilding must not touch.
     with raising_lock_error(db_path, busy_timeout_ms):
         _check_schema(db_path, busy_timeout_ms)
+    removed_files = _remove_leftover_files(db_path)
 
     journal = JournalReader(journal_dir).fold_runs(
         None if progress is None else lambda done, total: progress("read", done, total)
@@ -234,18 +276,20 @@ def rebuild_index(
     try:
         written, rejected = _write_runs(rebuilt_path, journal.runs.values(), progress)
         with raising_lock_error(db_path, busy_timeout_ms):
-            backup_path, kept_sync_state, changed = _swap_in(db_path, rebuilt_path, busy_timeout_ms)
+            swap = _swap_in(db_path, rebuilt_path, busy_timeout_ms)
     finally:
         remove_database_files(rebuilt_path)
 
     logger.info(
         "rebuilt index %s from %d journal files: %d runs read, %d rows changed, %d with "
-        "their API sync state kept, %d corrupt lines skipped, %d runs rejected",
+        "their API sync state kept, %d only in the old index, %d corrupt lines skipped, "
+        "%d runs rejected",
         db_path,
         journal.files,
         written,
-        changed,
-        kept_sync_state,
+        swap.merge.changed,
+        swap.merge.kept_sync_state,
+        swap.merge.index_only,
         corrupt_lines,
         rejected,
     )
@@ -253,10 +297,90 @@ def rebuild_index(
         runs=written,
         files=journal.files,
         corrupt_lines=corrupt_lines,
-        backup_path=backup_path,
-        kept_sync_state=kept_sync_state,
+        backup_path=swap.backup_path,
+        kept_sync_state=swap.merge.kept_sync_state,
         rejected_runs=rejected,
+        index_only_rows=swap.merge.index_only,
+        damaged_backup=swap.damaged,
+        removed_files=tuple(removed_files),
     )
+
+
+# -- files left by killed rebuilds ---------------------------------------------------------
+
+
+def find_leftover_files(db_path: str | os.PathLike[str]) -> list[Path]:
+    """Return the files beside the index that rebuilds left when their process was killed.
+
+    These are the new files and the copies of a damaged index that rebuild_index deletes
+    when it ends, ``<index name>.rebuild-<pid>-<hex>``, ``.repair-...`` and ``.salvage-...``,
+    with their -wal, -shm and -journal files. A file counts only when process ``pid`` is
+    gone (telemetry.stale.process_is_gone, with the file's modification time as the
+    latest start of its process). A file of a rebuild still running is left out.
+
+    The pid is judged on this host. SQLite's WAL mode, which the index uses, works only
+    when every process that opens the database runs on the same host
+    (https://www.sqlite.org/wal.html), so rebuilds of this index run on this host too.
+
+    Returns:
+        The paths, sorted. [] when the directory does not exist.
+
+    Raises:
+        OSError: the directory exists but cannot be listed.
+    """
+    db_path = Path(db_path)
+    prefix = db_path.name + "."
+    found: list[Path] = []
+    try:
+        entries = list(os.scandir(db_path.parent))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        match = _SCRATCH_NAME.fullmatch(entry.name, len(prefix))
+        if match is None:
+            continue
+        pid = int(match["pid"])
+        try:
+            modified = entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue  # removed by its rebuild meanwhile
+        written_at = datetime.datetime.fromtimestamp(modified, datetime.timezone.utc)
+        if pid != os.getpid() and _process_is_gone(pid, written_at):
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
+def _process_is_gone(pid: int, written_at: datetime.datetime) -> bool:
+    # A pid of 0, or one too large for the kernel, cannot be a running rebuild's.
+    if pid < 1:
+        return True
+    return process_is_gone(pid, written_at)
+
+
+def _remove_leftover_files(db_path: Path) -> list[Path]:
+    """Remove the files that find_leftover_files returns, and return those removed.
+
+    A file that cannot be removed is logged as a WARNING and kept.
+    """
+    try:
+        leftovers = find_leftover_files(db_path)
+    except OSError as exc:
+        logger.warning("cannot look for files left by killed rebuilds beside %s: %s", db_path, exc)
+        return []
+    removed: list[Path] = []
+    for path in leftovers:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("cannot remove %s, left by a killed rebuild: %s", path, exc)
+            continue
+        logger.info("removed %s, left by a rebuild whose process is gone", path)
+        removed.append(path)
+    return removed
 
 
 # -- writing the new file ----------------------------------------------------------------
@@ -395,34 +519,58 @@ def _inspect_index(db_path: Path, busy_timeout_ms: int) -> _IndexState:
 # -- the copy into the index ---------------------------------------------------------------
 
 
-def _swap_in(
-    db_path: Path, rebuilt_path: Path, busy_timeout_ms: int
-) -> tuple[Path | None, int, int]:
-    """Back up the index and bring the rows of ``rebuilt_path`` into it.
+class _MergeCounts(NamedTuple):
+    kept_sync_state: int
+    """Runs whose API sync state was kept."""
+    changed: int
+    """Rows inserted or changed."""
+    index_only: int
+    """Rows of the index that the new rows lack, kept as they were."""
 
-    Returns the backup's path (None without an index), the number of runs whose sync
-    state was kept, and the number of rows inserted or changed.
-    """
-    backup_path = db_path.with_name(db_path.name + BACKUP_SUFFIX)
+
+class _SwapResult(NamedTuple):
+    backup_path: Path | None
+    damaged: bool
+    merge: _MergeCounts
+
+
+def _swap_in(db_path: Path, rebuilt_path: Path, busy_timeout_ms: int) -> _SwapResult:
+    """Back up the index and bring the rows of ``rebuilt_path`` into it."""
     state = _inspect_index(db_path, busy_timeout_ms)
 
     if state is _IndexState.MISSING:
-        return (None, *_merge_into_index(db_path, rebuilt_path, busy_timeout_ms))
+        return _SwapResult(None, False, _merge_into_index(db_path, rebuilt_path, busy_timeout_ms))
     if state is _IndexState.NOT_A_DATABASE:
+        backup_path = _damaged_backup_path(db_path)
         _move_aside(db_path, backup_path)
-        return (backup_path, *_merge_into_index(db_path, rebuilt_path, busy_timeout_ms))
+        merged = _merge_into_index(db_path, rebuilt_path, busy_timeout_ms)
+        return _SwapResult(backup_path, True, merged)
     if state is _IndexState.DAMAGED:
+        backup_path = _damaged_backup_path(db_path)
         copy_database_files(db_path, backup_path)
-        return (backup_path, *_repair_damaged(db_path, backup_path, rebuilt_path, busy_timeout_ms))
+        merged = _repair_damaged(db_path, backup_path, rebuilt_path, busy_timeout_ms)
+        return _SwapResult(backup_path, True, merged)
+    backup_path = db_path.with_name(db_path.name + BACKUP_SUFFIX)
     copy_database(db_path, backup_path, busy_timeout_ms)
-    return (backup_path, *_merge_into_index(db_path, rebuilt_path, busy_timeout_ms))
+    return _SwapResult(
+        backup_path, False, _merge_into_index(db_path, rebuilt_path, busy_timeout_ms)
+    )
 
 
-def _merge_into_index(db_path: Path, rebuilt_path: Path, busy_timeout_ms: int) -> tuple[int, int]:
-    """Merge the rows of ``rebuilt_path`` into the index in one transaction.
+def _damaged_backup_path(db_path: Path) -> Path:
+    """Return a name for the backup of a damaged index that no file or backup has yet."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    base = db_path.name + now.strftime(DAMAGED_BACKUP_SUFFIX)
+    candidate = db_path.with_name(base)
+    number = 1
+    while any(Path(f"{candidate}{suffix}").exists() for suffix in ("", "-wal", "-shm")):
+        number += 1
+        candidate = db_path.with_name(f"{base}-{number}")
+    return candidate
 
-    Returns (runs whose sync state was kept, rows inserted or changed).
-    """
+
+def _merge_into_index(db_path: Path, rebuilt_path: Path, busy_timeout_ms: int) -> _MergeCounts:
+    """Merge the rows of ``rebuilt_path`` into the index in one transaction."""
     # Creates the index and its schema if the index is missing or was moved aside.
     DatabaseWriter(db_path, busy_timeout_ms=busy_timeout_ms).close()
 
@@ -430,20 +578,21 @@ def _merge_into_index(db_path: Path, rebuilt_path: Path, busy_timeout_ms: int) -
         connection.execute("ATTACH DATABASE ? AS rebuilt", (str(rebuilt_path),))
         with immediate_transaction(connection):
             kept = int(connection.execute(_KEPT_SYNC_STATE_SQL).fetchone()[0])
+            index_only = int(connection.execute(_INDEX_ONLY_SQL).fetchone()[0])
             before = connection.total_changes
             connection.execute(_MERGE_SQL)
             changed = connection.total_changes - before
         connection.execute("DETACH DATABASE rebuilt")
-    return kept, changed
+    return _MergeCounts(kept, changed, index_only)
 
 
 def _repair_damaged(
     db_path: Path, backup_path: Path, rebuilt_path: Path, busy_timeout_ms: int
-) -> tuple[int, int]:
+) -> _MergeCounts:
     """Bring the rows of ``rebuilt_path`` into the damaged index, keeping what it can of it.
 
     ``backup_path`` contains the byte copy of the damaged index. The steps are those of
-    rebuild_index. Returns (runs whose sync state was kept, rows inserted or changed).
+    rebuild_index.
     """
     repair_path = scratch_path(db_path, "repair")
     salvage_path = scratch_path(db_path, "salvage")
@@ -463,7 +612,7 @@ def _repair_damaged(
             _salvage_rows(repair_path, salvage_path, db_path)
             old_rows_path = salvage_path
 
-        kept, changed = _merge_into_index(old_rows_path, rebuilt_path, busy_timeout_ms)
+        merged = _merge_into_index(old_rows_path, rebuilt_path, busy_timeout_ms)
         if _overwrite_damaged(old_rows_path, db_path, busy_timeout_ms):
             logger.warning(
                 "replaced the content of the damaged index %s with the runs of the journal "
@@ -471,9 +620,10 @@ def _repair_damaged(
                 db_path,
                 backup_path,
             )
-            return kept, changed
+            return merged
         _move_aside(db_path, backup_path)
-        return kept, _merge_into_index(db_path, old_rows_path, busy_timeout_ms)[1]
+        changed = _merge_into_index(db_path, old_rows_path, busy_timeout_ms).changed
+        return merged._replace(changed=changed)
     finally:
         remove_database_files(repair_path)
         remove_database_files(salvage_path)

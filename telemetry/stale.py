@@ -14,19 +14,21 @@ import datetime
 import logging
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from telemetry.database import DatabaseWriter
 from telemetry.models import RunRecord, parse_timestamp
 
 if TYPE_CHECKING:
     from telemetry.client import TelemetryClient
-    from telemetry.database import DatabaseWriter
 
 __all__ = [
     "PID_REUSE_TOLERANCE",
+    "AbandonResult",
     "StaleRun",
     "abandon_runs",
     "find_stale_runs",
@@ -238,23 +240,84 @@ def _format_duration(duration: datetime.timedelta) -> str:
     return " ".join(f"{value} {name}" for value, name in displayed)
 
 
-def abandon_runs(client: TelemetryClient, stale: Iterable[StaleRun]) -> int:
+class AbandonResult(NamedTuple):
+    """The outcome of abandon_runs for each stale run, judged by reading its index row back."""
+
+    abandoned: list[str]
+    """Ids of the runs ended as abandoned: a run_end line was journaled and the index row
+    has status abandoned."""
+    ended_meanwhile: list[tuple[str, str]]
+    """(run id, status) of the runs that another process ended since they were found, such
+    as their own agent. Nothing is left to repair for them."""
+    failed: list[tuple[str, str]]
+    """(run id, reason) of the runs still running, or whose row could not be checked. The
+    reason names the write that failed, and the client's ERROR log line gives the cause."""
+
+
+def abandon_runs(
+    client: TelemetryClient,
+    stale: Iterable[StaleRun],
+    *,
+    index: DatabaseWriter | None = None,
+) -> AbandonResult:
     """End each stale run with status ``abandoned`` and the reason as error_summary.
 
-    Each run is ended through client.end_run, which journals a run_end line and updates
-    the index row while its status is still running. For a run that another process
-    started, end_run sets the duration from its start_time to now. A run that has ended
-    since it was found keeps its end, with the client's WARNING, and is not counted.
+    Each run is ended through client.end_run, which journals a run_end line and then
+    updates the index row while its status is still running. For a run that another
+    process started, end_run sets the duration from its start_time to now. The index row
+    of each run is then read back, because end_run logs a failed write instead of raising
+    it: only a row with status abandoned counts as abandoned. A run that has ended since
+    it was found keeps its end, with the client's WARNING.
+
+    Args:
+        client: the client that writes the ends. It must be enabled.
+        stale: the runs to end, as find_stale_runs returns them.
+        index: the index to read the rows back from; None opens client.config.db_path
+            for the call.
 
     Returns:
-        The number of runs ended: each has a run_end line with status abandoned, and its
-        index row was updated or the index could not be written.
+        The runs abandoned, those ended meanwhile by another process, and those that
+        failed with the reason. A row that cannot be read back counts as failed. When
+        ``index`` is None and the index cannot be opened, no run is tried and each one
+        fails, with an ERROR.
     """
-    ended = 0
-    for run in stale:
+    runs = list(stale)
+    if not runs:
+        return AbandonResult([], [], [])
+    if index is not None:
+        return _abandon(client, runs, index)
+    try:
+        opened = DatabaseWriter(client.config.db_path)
+    except (sqlite3.Error, OSError) as exc:
+        reason = f"not tried, because the index {client.config.db_path} cannot be opened: {exc}"
+        logger.error("cannot end the stale runs as abandoned: %s", reason)
+        return AbandonResult([], [], [(run.record.run_id, reason) for run in runs])
+    with opened:
+        return _abandon(client, runs, opened)
+
+
+def _abandon(client: TelemetryClient, runs: list[StaleRun], index: DatabaseWriter) -> AbandonResult:
+    result = AbandonResult([], [], [])
+    for run in runs:
         run_id = run.record.run_id
-        if client.end_run(run_id, "abandoned", error_summary=run.reason) is None:
+        ended = client.end_run(run_id, "abandoned", error_summary=run.reason)
+        try:
+            row = index.get_run(run_id)
+        except (sqlite3.Error, ValueError) as exc:
+            result.failed.append((run_id, f"its index row cannot be read back: {exc}"))
             continue
-        logger.info("ended run %s as abandoned: %s", run_id, run.reason)
-        ended += 1
-    return ended
+
+        if row is None:
+            result.failed.append((run_id, "its index row was deleted meanwhile"))
+        elif row.status == "running":
+            if ended is None:
+                reason = "its run_end line could not be journaled, so its index row was left as is"
+            else:
+                reason = "its run_end line was journaled, but its index row could not be updated"
+            result.failed.append((run_id, reason))
+        elif ended is not None and row.status == "abandoned":
+            logger.info("ended run %s as abandoned: %s", run_id, run.reason)
+            result.abandoned.append(run_id)
+        else:
+            result.ended_meanwhile.append((run_id, row.status))
+    return result

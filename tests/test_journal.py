@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 import telemetry
-from telemetry import TelemetryClient, TelemetryConfig
+from telemetry import TelemetryClient, TelemetryConfig, journal
 from telemetry.database import DatabaseWriter
 from telemetry.journal import JournalFile, JournalReader, JournalRuns
 from telemetry.models import RunRecord
@@ -516,9 +516,86 @@ def test_fold_runs_one_warning_per_file(
         "at line 2: invalid JSON: "
     )
     assert messages[1] == (
-        f"skipped 1 corrupt lines in {file_of(journal_dir, DAY3)}, the first at line 1: "
+        f"skipped 1 corrupt line in {file_of(journal_dir, DAY3)}, the first at line 1: "
         "run_start: pid is str, expected int or null"
     )
+
+
+def test_read_one_corrupt_line(
+    writer: NDJSONWriter,
+    reader: JournalReader,
+    journal_dir: Path,
+    journal_logs: pytest.LogCaptureFixture,
+) -> None:
+    """The warning about a single corrupt line uses the singular."""
+    path = file_of(journal_dir, DAY1)
+    writer.append("event", event("run-1", at(DAY1), seq=1))
+    append_bytes(path, b"not json\n")
+
+    reader.read(path)
+
+    assert warnings_of(journal_logs) == [f"skipped 1 corrupt line in {path}"]
+
+
+TORN_LINES = {
+    "cut in a key": b'{"record_type": "event", "run_id": "ru\n',
+    "cut after a comma": b'{"record_type": "event",\n',
+    "cut in a number": b'{"record_type": "run_start", "pid": 12\n',
+    "cut in a character": '{"record_type": "event", "payload": "日本'.encode()[:-1] + b"\n",
+    "cut after an escape": b'{"record_type": "event", "payload": "a\\\n',
+}
+NOT_TORN_LINES = {
+    "garbage": b"not json\n",
+    "array start": b"[1, 2\n",
+    "bad separator": b'{"record_type" "event"}\n',
+    "extra brace": b'{"record_type": "event"}}\n',
+    "invalid UTF-8 inside": b'{"record_type": "\xff\xfe"}\n',
+}
+
+
+@pytest.mark.parametrize("line", TORN_LINES.values(), ids=TORN_LINES.keys())
+def test_fold_runs_counts_torn_line(
+    writer: NDJSONWriter, reader: JournalReader, journal_dir: Path, line: bytes
+) -> None:
+    """A JSON object cut short and closed by a newline counts as corrupt and as torn."""
+    writer.append("run_start", run_record("run-1", at(DAY1)).to_dict())
+    append_bytes(file_of(journal_dir, DAY1), line)
+    writer.append("event", event("run-1", at(DAY1)))
+
+    folded = reader.fold_runs()
+
+    assert folded.corrupt_lines == {file_of(journal_dir, DAY1): 1}
+    assert folded.torn_lines == {file_of(journal_dir, DAY1): 1}
+
+
+NOT_TORN_LINES.update((name, line) for name, line in INVALID_LINES.items() if name != "torn line")
+
+
+@pytest.mark.parametrize("line", NOT_TORN_LINES.values(), ids=NOT_TORN_LINES.keys())
+def test_fold_runs_not_torn_line(
+    writer: NDJSONWriter, reader: JournalReader, journal_dir: Path, line: bytes
+) -> None:
+    """Other corrupt lines are not counted as torn."""
+    writer.append("run_start", run_record("run-1", at(DAY1)).to_dict())
+    append_bytes(file_of(journal_dir, DAY1), line)
+    writer.append("event", event("run-1", at(DAY1)))
+
+    folded = reader.fold_runs()
+
+    assert folded.corrupt_lines == {file_of(journal_dir, DAY1): 1}
+    assert folded.torn_lines == {}
+
+
+def test_fold_runs_torn_last_line(
+    writer: NDJSONWriter, reader: JournalReader, journal_dir: Path
+) -> None:
+    """A torn last line that no writer has closed yet counts as torn too."""
+    writer.append("run_start", run_record("run-1", at(DAY1)).to_dict())
+    append_bytes(file_of(journal_dir, DAY1), b'{"record_type": "run_end", "run_id": "run-1"')
+
+    folded = reader.fold_runs()
+
+    assert folded.torn_lines == {file_of(journal_dir, DAY1): 1}
 
 
 def test_fold_runs_progress(writer: NDJSONWriter, reader: JournalReader) -> None:
@@ -625,6 +702,34 @@ def test_follow_partial_line(
     assert warnings_of(journal_logs) == []
 
 
+def test_follow_long_line_copied_once(
+    reader: JournalReader, journal_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 20 MB line read in many chunks is joined once, so reading it takes linear work."""
+    payload = "x" * (20 * 1024 * 1024)
+    lines = b"".join(
+        json_line({"record_type": "event", **event("run-1", at(DAY1), seq)}) for seq in (0, 2)
+    )
+    long_line = json_line({"record_type": "event", **event("run-1", at(DAY1), 1), "big": payload})
+    path = file_of(journal_dir, DAY1)
+    append_bytes(path, lines[: len(lines) // 2] + long_line + lines[len(lines) // 2 :])
+    joined: list[int] = []
+    join = journal._join_chunks
+
+    def counting_join(chunks: list[bytes]) -> bytes:
+        joined.append(sum(map(len, chunks)))
+        return join(chunks)
+
+    monkeypatch.setattr(journal, "_join_chunks", counting_join)
+
+    records = follow_all(reader, Script(), backlog=5)
+
+    assert seqs(records) == [0, 1, 2]
+    assert records[1]["big"] == payload
+    assert len(joined) == 1
+    assert joined[0] < path.stat().st_size
+
+
 def test_follow_skips_corrupt_lines(
     writer: NDJSONWriter,
     reader: JournalReader,
@@ -663,7 +768,10 @@ def test_follow_torn_line_closed_by_writer(
     assert seqs(follow_all(reader, script)) == [0, 1]
     skipped = [m for m in warnings_of(journal_logs) if m.startswith("skipped a corrupt line")]
     assert len(skipped) == 1
-    assert skipped[0].startswith(f"skipped a corrupt line at offset 170 of {path}: invalid JSON")
+    assert skipped[0] == (
+        f"skipped a corrupt line at offset 170 of {path}: a JSON object cut short, as a crash "
+        "during an append leaves it"
+    )
 
 
 def test_follow_rolls_over(writer: NDJSONWriter, reader: JournalReader) -> None:
@@ -683,12 +791,65 @@ def test_follow_rolls_over(writer: NDJSONWriter, reader: JournalReader) -> None:
 def test_follow_earliest_later_file(writer: NDJSONWriter, reader: JournalReader) -> None:
     """Of several later files, the earliest is read first, and then the next."""
     writer.append("event", event("run-1", at(DAY1), 0))
+    today = [DAY1]
 
     def later_files() -> None:
-        writer.append("event", event("run-1", at(DAY4), 4))
+        writer.append("event", event("run-1", at(DAY3), 3))
         writer.append("event", event("run-1", at(DAY2), 2))
+        today[0] = DAY2
 
-    assert seqs(follow_all(reader, Script(later_files))) == [0, 2, 4]
+    records = follow_all(reader, Script(later_files), today=lambda: today[0])
+
+    assert seqs(records) == [0, 2, 3]
+
+
+def test_follow_ignores_far_future_file(
+    writer: NDJSONWriter,
+    reader: JournalReader,
+    journal_dir: Path,
+    journal_logs: pytest.LogCaptureFixture,
+) -> None:
+    """A file dated two days ahead is not followed, so today's appends are still seen."""
+    writer.append("event", event("run-1", at(DAY1), 0))
+    writer.append("event", event("run-1", at(DAY3), 9))
+    script = Script(
+        lambda: writer.append("event", event("run-1", at(DAY1), 1)),
+        noop,
+        lambda: writer.append("event", event("run-1", at(DAY1), 2)),
+    )
+
+    records = follow_all(reader, script)
+
+    assert seqs(records) == [0, 1, 2]
+    assert warnings_of(journal_logs) == [
+        f"ignoring journal file {file_of(journal_dir, DAY3)} while following, because it is "
+        f"dated more than 1 day after today ({DAY1} UTC): it was written under a wrong clock "
+        "or copied in; 'telemetry check' lists such files"
+    ]
+
+
+def test_follow_future_file_when_today_missing(
+    writer: NDJSONWriter, reader: JournalReader, journal_dir: Path
+) -> None:
+    """While today's file is missing, a file dated far ahead is not taken for the next day."""
+    writer.append("event", event("run-1", at(DAY4), 9))
+    script = Script(noop, lambda: writer.append("event", event("run-1", at(DAY1), 1)))
+
+    assert seqs(follow_all(reader, script)) == [1]
+
+
+def test_follow_future_file_becomes_near(writer: NDJSONWriter, reader: JournalReader) -> None:
+    """A file ignored as too far ahead is followed once today() comes within a day of it."""
+    writer.append("event", event("run-1", at(DAY1), 0))
+    writer.append("event", event("run-1", at(DAY3), 3))
+    today = [DAY1]
+
+    def next_day() -> None:
+        today[0] = DAY2
+
+    records = follow_all(reader, Script(noop, next_day), today=lambda: today[0])
+
+    assert seqs(records) == [0, 3]
 
 
 def test_follow_older_files_ignored(writer: NDJSONWriter, reader: JournalReader) -> None:

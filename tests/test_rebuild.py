@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import math
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -25,7 +26,7 @@ from telemetry.errors import IndexLockedError, SchemaError
 from telemetry.journal import JournalReader
 from telemetry.models import STATUSES, RunRecord, generate_run_id, get_iso8601_timestamp
 from telemetry.ndjson import NDJSONWriter
-from telemetry.rebuild import rebuild_index
+from telemetry.rebuild import find_leftover_files, rebuild_index
 
 UTC = datetime.timezone.utc
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -307,12 +308,122 @@ def test_rebuild_corrupt_index(store: Path) -> None:
         integrity = index.check_integrity()
         runs = index.list_runs(limit=None)
 
-    assert result.backup_path == Path(f"{db_of(store)}.bak")
+    assert result.backup_path is not None
+    assert re.fullmatch(r"telemetry\.db\.bak-[0-9]{8}T[0-9]{6}Z", result.backup_path.name)
+    assert result.damaged_backup is True
     assert result.backup_path.read_bytes() == garbage
     assert Path(f"{result.backup_path}-wal").read_bytes() == b"stale wal"
     assert integrity == (True, ["ok"])
     assert {run.run_id for run in runs} == before.keys()
     assert result.kept_sync_state == 0
+
+
+def test_rebuild_keeps_damaged_backup(store: Path) -> None:
+    """A second rebuild backs up the good index to .bak and keeps the damaged index's copy."""
+    garbage = b"\x00not an SQLite database\xff" * 512
+    db_of(store).write_bytes(garbage)
+
+    first = rebuild_index(db_of(store), store / "journal")
+    second = rebuild_index(db_of(store), store / "journal")
+
+    assert first.backup_path is not None
+    assert first.backup_path.read_bytes() == garbage
+    assert second.backup_path == Path(f"{db_of(store)}.bak")
+    assert second.damaged_backup is False
+    assert raw_rows(second.backup_path) == raw_rows(db_of(store))
+
+
+def test_rebuild_damaged_backup_names_unique(store: Path) -> None:
+    """Two damaged indexes moved aside within one second get two different names."""
+    backups = []
+    for content in (b"first garbage" * 100, b"second garbage" * 100):
+        db_of(store).write_bytes(content)
+        result = rebuild_index(db_of(store), store / "journal")
+        assert result.backup_path is not None
+        backups.append(result.backup_path)
+    # Both rebuilds may fall within one second; a third name then repeats the second.
+    stamp = backups[0].name
+    db_of(store).write_bytes(b"third garbage" * 100)
+    third = rebuild_index(db_of(store), store / "journal").backup_path
+
+    assert len({backups[0], backups[1], third}) == 3
+    assert backups[0].read_bytes() == b"first garbage" * 100
+    assert backups[1].read_bytes() == b"second garbage" * 100
+    assert third is not None
+    assert third.name.startswith(stamp[: len("telemetry.db.bak-")])
+
+
+def test_rebuild_counts_index_only_rows(store: Path) -> None:
+    """Rows that only the old index has are kept and counted."""
+    extra = RunRecord(
+        run_id=generate_run_id("index-only"),
+        agent_name="index-only",
+        job_type="test",
+        start_time=get_iso8601_timestamp(),
+    )
+    with DatabaseWriter(db_of(store)) as index:
+        index.load_runs([extra])
+
+    result = rebuild_index(db_of(store), store / "journal")
+    with DatabaseWriter(db_of(store)) as index:
+        kept = index.get_run(extra.run_id)
+
+    assert result.index_only_rows == 1
+    assert kept is not None
+
+
+# -- files left by killed rebuilds --------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    """Return the pid of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=30)
+    return child.pid
+
+
+def make_leftovers(db_path: Path, pid: int, purpose: str = "rebuild") -> list[Path]:
+    """Create a scratch database of process ``pid`` beside the index, with -wal and -shm."""
+    base = db_path.with_name(f"{db_path.name}.{purpose}-{pid}-0badc0de")
+    paths = [base, Path(f"{base}-wal"), Path(f"{base}-shm")]
+    for path in paths:
+        path.write_bytes(b"left over")
+    return paths
+
+
+@pytest.mark.parametrize("purpose", ["rebuild", "repair", "salvage"])
+def test_find_leftover_files_of_gone_process(store: Path, purpose: str) -> None:
+    """The scratch files of a process that is gone are found, with their -wal and -shm."""
+    paths = make_leftovers(db_of(store), dead_pid(), purpose)
+
+    assert find_leftover_files(db_of(store)) == sorted(paths)
+
+
+def test_find_leftover_files_skips_live_process(store: Path) -> None:
+    """The scratch files of a running process, such as a rebuild in progress, are kept."""
+    make_leftovers(db_of(store), os.getppid())
+    make_leftovers(db_of(store), os.getpid())
+    Path(f"{db_of(store)}.bak").write_bytes(b"a backup")
+    Path(f"{db_of(store)}.rebuild-notapid").write_bytes(b"another name")
+
+    assert find_leftover_files(db_of(store)) == []
+
+
+def test_find_leftover_files_missing_directory(tmp_path: Path) -> None:
+    """An index in a missing directory has no leftovers."""
+    assert find_leftover_files(tmp_path / "nowhere" / "telemetry.db") == []
+
+
+def test_rebuild_removes_leftover_files(store: Path) -> None:
+    """A rebuild first removes the files of killed rebuilds and reports them."""
+    paths = make_leftovers(db_of(store), dead_pid())
+    live = make_leftovers(db_of(store), os.getppid())
+
+    result = rebuild_index(db_of(store), store / "journal")
+
+    assert result.removed_files == tuple(sorted(paths))
+    assert not any(path.exists() for path in paths)
+    assert all(path.exists() for path in live)
 
 
 def add_filler_runs(db_path: Path) -> None:

@@ -22,6 +22,7 @@ from telemetry.journal import JournalReader
 from telemetry.models import RunRecord, get_iso8601_timestamp
 from telemetry.stale import (
     PID_REUSE_TOLERANCE,
+    AbandonResult,
     StaleRun,
     abandon_runs,
     find_stale_runs,
@@ -362,13 +363,13 @@ def test_abandon_killed_agent(client: TelemetryClient) -> None:
     run_id, pid = start_killed_agent(data_dir)
     with DatabaseWriter(client.config.db_path) as index:
         found = find_stale_runs(index)
-        ended = abandon_runs(client, found)
+        result = abandon_runs(client, found)
         row = index.get_run(run_id)
 
     reason = f"process {pid} on {HOST} is no longer running"
     assert stale_ids(found) == [run_id]
     assert found[0].reason == reason
-    assert ended == 1
+    assert result == AbandonResult([run_id], [], [])
 
     assert row is not None
     assert row.status == "abandoned"
@@ -385,7 +386,7 @@ def test_abandon_killed_agent(client: TelemetryClient) -> None:
 
 @needs_posix
 def test_abandon_skips_ended_run(client: TelemetryClient, caplog: pytest.LogCaptureFixture) -> None:
-    """A run that ended after it was found stale is left as it is and not counted."""
+    """A run that ended after it was found stale is left as it is and counted as ended meanwhile."""
     run_id, _ = start_killed_agent(client.config.data_dir)
     with DatabaseWriter(client.config.db_path) as index:
         found = find_stale_runs(index)
@@ -395,10 +396,10 @@ def test_abandon_skips_ended_run(client: TelemetryClient, caplog: pytest.LogCapt
             TelemetryClient(client.config) as second,
             caplog.at_level(logging.WARNING, logger="telemetry"),
         ):
-            ended_again = abandon_runs(second, found)
+            again = abandon_runs(second, found)
         row = index.get_run(run_id)
 
-    assert ended_again == 0
+    assert again == AbandonResult([], [(run_id, "abandoned")], [])
     assert row is not None
     assert row.status == "abandoned"
     assert any("already ended with status abandoned" in r.getMessage() for r in caplog.records)
@@ -407,7 +408,7 @@ def test_abandon_skips_ended_run(client: TelemetryClient, caplog: pytest.LogCapt
 
 def test_abandon_nothing(client: TelemetryClient) -> None:
     """No stale runs end nothing."""
-    assert abandon_runs(client, []) == 0
+    assert abandon_runs(client, []) == AbandonResult([], [], [])
 
 
 # -- abandon_runs racing the run's own end ---------------------------------------------------
@@ -475,9 +476,9 @@ def test_abandon_race_owner_ends_first(
     with TelemetryClient(client.config) as admin, caplog.at_level(logging.WARNING, "telemetry"):
         give_index(admin, owner_ends)
         locker.execute("BEGIN IMMEDIATE")
-        ended = abandon_runs(admin, found)
+        result = abandon_runs(admin, found)
 
-    assert ended == 0
+    assert result == AbandonResult([], [(run_id, "success")], [])
     assert index_status(client.config.db_path, run_id) == "success"
     assert journal_status(data_dir, run_id) == "success"
     # The abandoned line was written before the conditional update found the run ended.
@@ -494,12 +495,12 @@ def test_abandon_race_owner_indexes_last(
     run_id = client.start_run("racing-agent", "batch")
     found = find_all_running(client.config.db_path)
     admin = TelemetryClient(client.config)
-    ended: list[int] = []
+    results: list[AbandonResult] = []
 
     def admin_abandons(_: float) -> None:
         if locker.in_transaction:
             locker.execute("ROLLBACK")
-            ended.append(abandon_runs(admin, found))
+            results.append(abandon_runs(admin, found))
 
     give_index(client, admin_abandons)
     locker.execute("BEGIN IMMEDIATE")
@@ -507,7 +508,7 @@ def test_abandon_race_owner_indexes_last(
         client.end_run(run_id, "success")
     admin.close()
 
-    assert ended == [1]
+    assert results == [AbandonResult([run_id], [], [])]
     assert index_status(client.config.db_path, run_id) == "success"
     assert journal_status(data_dir, run_id) == "success"
     assert end_statuses(data_dir, run_id) == ["success", "abandoned", "success"]
@@ -515,7 +516,7 @@ def test_abandon_race_owner_indexes_last(
 
 
 def test_abandon_index_locked(client: TelemetryClient, locker: sqlite3.Connection) -> None:
-    """When the index stays locked, the run_end line is still journaled and the run counted."""
+    """When the index stays locked, the run_end line is journaled but the run counts as failed."""
     data_dir = client.config.data_dir
     run_id = client.start_run("racing-agent", "batch")
     found = find_all_running(client.config.db_path)
@@ -523,10 +524,13 @@ def test_abandon_index_locked(client: TelemetryClient, locker: sqlite3.Connectio
     with TelemetryClient(client.config) as admin:
         give_index(admin, lambda _: None)
         locker.execute("BEGIN IMMEDIATE")
-        ended = abandon_runs(admin, found)
+        result = abandon_runs(admin, found)
         locker.execute("ROLLBACK")
 
-    assert ended == 1
+    assert result.abandoned == []
+    assert result.failed == [
+        (run_id, "its run_end line was journaled, but its index row could not be updated")
+    ]
     assert end_statuses(data_dir, run_id) == ["abandoned"]
     assert index_status(client.config.db_path, run_id) == "running"
 
@@ -546,8 +550,11 @@ def test_abandon_journal_unwritable(
     found = find_all_running(client.config.db_path)
 
     with caplog.at_level(logging.ERROR, "telemetry"):
-        ended = abandon_runs(client, found)
+        result = abandon_runs(client, found)
 
-    assert ended == 0
+    assert result.abandoned == []
+    assert result.failed == [
+        ("no-journal", "its run_end line could not be journaled, so its index row was left as is")
+    ]
     assert index_status(client.config.db_path, "no-journal") == "running"
     assert any("failed to journal the run_end" in r.getMessage() for r in caplog.records)
