@@ -12,9 +12,13 @@ import dataclasses
 import datetime
 import io
 import os
+import shutil
 import sqlite3
 import stat
+import sys
+import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ import orjson
 import pytest
 from cli_support import run_cli, run_json
 
+import telemetry
 from telemetry import TelemetryClient, TelemetryConfig
 from telemetry.cli import build_parser, main
 from telemetry.cli._context import CommandContext
@@ -647,6 +652,360 @@ def test_config_invalid_json(tmp_path: Path) -> None:
     report = orjson.loads(result.stdout)
     assert [item["variable"] for item in report["invalid_variables"]] == ["TELEMETRY_DURABILITY"]
     assert report["unknown_variables"] == ["TELEMETRY_DATADIR"]
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def test_data_dir_before_command(store: dict[str, Any]) -> None:
+    """--data-dir is accepted before the subcommand too."""
+    result = run_cli("--data-dir", store["dir"], "runs", "--agent", "archive")
+
+    assert result.returncode == 0, result.stderr
+    assert run_ids_in(result.stdout) == ["old-2", "old-1"]
+
+
+def test_data_dir_after_wins(store: dict[str, Any], tmp_path: Path) -> None:
+    """Given before and after the subcommand, the later --data-dir is used."""
+    result = run_cli("--data-dir", tmp_path, "runs", "--agent", "archive", data_dir=store["dir"])
+
+    assert result.returncode == 0, result.stderr
+    assert run_ids_in(result.stdout) == ["old-2", "old-1"]
+
+
+def test_version_option() -> None:
+    """--version prints the package version and exits 0."""
+    result = run_cli("--version")
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"telemetry {telemetry.__version__}"
+
+
+def test_extra_argument_names_command(store: dict[str, Any]) -> None:
+    """An unexpected argument after show RUN_ID is reported by "telemetry show"."""
+    result = run_cli("show", store["audit_ids"][0], "extra", data_dir=store["dir"])
+
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "telemetry show: unrecognized arguments: extra")
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["show", "\udcff"], ["runs", "--agent", "\udcff"], ["stats", "--agent", "x\udcff"]],
+)
+def test_non_utf8_argument(store: dict[str, Any], arguments: list[str]) -> None:
+    """An agent name or run id that is not UTF-8 is a usage error that shows its bytes."""
+    result = run_cli(*arguments, data_dir=store["dir"])
+
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, f"telemetry {arguments[0]}:", "\\xff", "not valid UTF-8")
+
+
+@pytest.mark.parametrize(
+    ("command", "options", "named"),
+    [
+        ("runs", ["--limit", "9223372036854775808"], "9223372036854775807 at most"),
+        ("runs", ["--limit", "99999999999999999999999"], "9223372036854775807 at most"),
+        ("runs", ["--limit", "9" * 5000], "9223372036854775807 at most"),
+        ("export", ["--limit", "9223372036854775808"], "9223372036854775807 at most"),
+        ("tail", ["--lines", "9223372036854775808"], "1000000 at most"),
+    ],
+)
+def test_huge_counts_rejected(
+    store: dict[str, Any], command: str, options: list[str], named: str
+) -> None:
+    """A count beyond what SQLite or the backlog holds is a one-line usage error."""
+    result = run_cli(command, *options, data_dir=store["dir"])
+
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, f"telemetry {command}:", named)
+
+
+def test_runs_largest_limit(store: dict[str, Any]) -> None:
+    """--limit 9223372036854775807, SQLite's largest integer, lists every run."""
+    runs = run_json("runs", "--agent", "archive", "--limit", "9223372036854775807",
+                    data_dir=store["dir"])  # fmt: skip
+
+    assert [run["run_id"] for run in runs] == ["old-2", "old-1"]
+
+
+@pytest.mark.parametrize("command", ["runs", "export"])
+def test_until_before_since(store: dict[str, Any], command: str) -> None:
+    """An --until that is not later than --since is a usage error naming both."""
+    result = run_cli(command, "--since", "1h", "--until", "2d", data_dir=store["dir"])
+
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, f"telemetry {command}:", "--until", "--since")
+
+
+def test_runs_limit_note_singular(store: dict[str, Any]) -> None:
+    """The note for --limit 1 is in the singular."""
+    result = run_cli("runs", "--limit", "1", data_dir=store["dir"])
+
+    assert result.stderr.startswith("the newest run is shown; more match")
+
+
+def test_export_count_singular(store: dict[str, Any], tmp_path: Path) -> None:
+    """The summary of an export of one run is in the singular."""
+    target = tmp_path / "one.ndjson"
+
+    result = run_cli("export", "--limit", "1", "-o", target, data_dir=store["dir"])
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"exported 1 run to {target}")
+
+
+def test_db_path_is_directory(tmp_path: Path) -> None:
+    """A TELEMETRY_DB_PATH that names a directory gets a message saying so."""
+    result = run_cli("runs", data_dir=tmp_path, env={"TELEMETRY_DB_PATH": str(tmp_path)})
+
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, f"{tmp_path} is a directory", "TELEMETRY_DB_PATH")
+
+
+def test_newer_index_names_setting(tmp_path: Path) -> None:
+    """The error for a newer schema names the TELEMETRY_DB_PATH variable."""
+    load(tmp_path, old_runs())
+    with sqlite3.connect(tmp_path / "telemetry.db") as connection:
+        connection.execute("PRAGMA user_version = 99")
+    connection.close()
+
+    result = run_cli("stats", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "TELEMETRY_DB_PATH")
+
+
+# -- export into the store --------------------------------------------------------------------
+
+
+@pytest.fixture
+def live_store(tmp_path: Path) -> Path:
+    """Return a store with three client runs and their journal, for writes that must fail."""
+    record_client_runs(tmp_path)
+    return tmp_path
+
+
+def store_files(data_dir: Path) -> dict[str, bytes]:
+    """Return the content of every file in the store, by path relative to it."""
+    return {
+        str(path.relative_to(data_dir)): path.read_bytes()
+        for path in sorted(data_dir.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "journal/events_20260101.ndjson",
+        "journal/new.csv",
+        "telemetry.db",
+        "telemetry.db-wal",
+        "telemetry.db-shm",
+        "telemetry.db.bak",
+        "telemetry.db.bak.1",
+    ],
+)
+def test_export_into_store_rejected(live_store: Path, target: str) -> None:
+    """--output at the journal, the index or its own files exits 2 and changes nothing."""
+    journal_file = next((live_store / "journal").iterdir())
+    target = target.replace("events_20260101.ndjson", journal_file.name)
+    before = store_files(live_store)
+
+    result = run_cli("export", "-o", live_store / target, data_dir=live_store)
+
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "telemetry export:", "--output")
+    assert store_files(live_store) == before
+
+
+def test_export_symlink_to_index_rejected(
+    live_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A symbolic link elsewhere that points at the index is rejected too."""
+    link = tmp_path_factory.mktemp("links") / "runs.ndjson"
+    link.symlink_to(live_store / "telemetry.db")
+    before = store_files(live_store)
+
+    result = run_cli("export", "-o", link, data_dir=live_store)
+
+    assert result.returncode == 2
+    assert store_files(live_store) == before
+
+
+def test_export_beside_index_allowed(live_store: Path) -> None:
+    """A file of another name in the store's directory is a valid --output."""
+    result = run_cli("export", "-o", live_store / "runs.csv", data_dir=live_store)
+
+    assert result.returncode == 0, result.stderr
+    assert (live_store / "runs.csv").exists()
+
+
+# -- read-only stores --------------------------------------------------------------------------
+
+
+OWNER = 40001
+OTHER = 40002
+
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="switching users needs root"
+)
+
+
+def in_child_as(uid: int, action: Callable[[], int]) -> int:
+    """Call ``action`` in a forked child running as ``uid`` and return its exit code."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 70
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            code = action()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def run_cli_as(
+    uid: int, *args: str | os.PathLike[str], env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run the command in a forked child as ``uid``; return its exit code, stdout and stderr.
+
+    The tests run as root, so the child cannot exec the test's interpreter as another user
+    when it is installed in root's home. It calls main() instead, with TELEMETRY_*
+    variables removed, as run_cli does, and ``env`` added.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+
+        def command() -> int:
+            for name in [name for name in os.environ if name.startswith("TELEMETRY_")]:
+                del os.environ[name]
+            os.environ.update(env or {})
+            sys.stdout = io.TextIOWrapper(os.fdopen(os.dup(out.fileno()), "wb"), "utf-8")
+            sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(err.fileno()), "wb"), "utf-8")
+            try:
+                return main([os.fspath(arg) for arg in args])
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+
+        code = in_child_as(uid, command)
+        out.seek(0)
+        err.seek(0)
+        return code, out.read().decode("utf-8"), err.read().decode("utf-8")
+
+
+@pytest.fixture
+def shared_store() -> Iterator[Path]:
+    """Yield a store of OWNER's with three client runs, in a directory others may enter."""
+    base = Path(tempfile.mkdtemp(prefix="telemetry-cli-ro-"))
+    base.chmod(0o755)
+    data_dir = base / "store"
+    record_client_runs(data_dir)
+    yield data_dir
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def give_to_owner(data_dir: Path, *, directory_mode: int, file_mode: int) -> None:
+    """Make OWNER own the store and everything in it, with the given modes."""
+    for path in [data_dir, *data_dir.rglob("*")]:
+        os.chown(path, OWNER, OWNER)
+        path.chmod(directory_mode if path.is_dir() else file_mode)
+
+
+def owners(data_dir: Path) -> dict[str, int]:
+    """Return the owner uid of each entry of the store, by path relative to it."""
+    return {str(path.relative_to(data_dir)): path.stat().st_uid for path in data_dir.rglob("*")}
+
+
+@needs_root
+@pytest.mark.parametrize(
+    "command", [["runs"], ["stats", "--all"], ["export"], ["show", "FIRST_RUN"]]
+)
+def test_read_commands_other_user(shared_store: Path, command: list[str]) -> None:
+    """Another user reads a store of modes 0755 and 0644, and leaves no file behind."""
+    run_id = run_json("runs", "--limit", "1", data_dir=shared_store)[0]["run_id"]
+    arguments = [run_id if part == "FIRST_RUN" else part for part in command]
+    give_to_owner(shared_store, directory_mode=0o755, file_mode=0o644)
+    before = owners(shared_store)
+
+    code, out, err = run_cli_as(OTHER, *arguments, "--data-dir", shared_store)
+
+    assert code == 0, err
+    assert run_id in out or command[0] == "stats"
+    assert owners(shared_store) == before
+
+
+@needs_root
+def test_read_keeps_owner_writing(shared_store: Path) -> None:
+    """After another user read a store in a world-writable directory, its owner still writes."""
+    give_to_owner(shared_store, directory_mode=0o777, file_mode=0o644)
+    code, _, err = run_cli_as(OTHER, "runs", "--data-dir", shared_store)
+    assert code == 0, err
+
+    def record() -> int:
+        with DatabaseWriter(shared_store / "telemetry.db") as index:
+            return 0 if index.insert_run(loaded_run("owner-1", "owner", OLD_START)) else 1
+
+    assert in_child_as(OWNER, record) == 0
+    assert set(owners(shared_store).values()) == {OWNER}
+
+
+@needs_root
+def test_read_permission_denied(shared_store: Path) -> None:
+    """An index that the user may not read is a permission fault, not damage to rebuild."""
+    give_to_owner(shared_store, directory_mode=0o755, file_mode=0o600)
+
+    code, _, err = run_cli_as(OTHER, "runs", "--data-dir", shared_store)
+
+    assert code == 1
+    assert_one_line_error(err, "cannot open the index", "read-only: permission denied",
+                          "store's owner (uid 40001)")  # fmt: skip
+    assert "rebuild" not in err
+
+
+@needs_root
+def test_write_permission_denied(shared_store: Path) -> None:
+    """A command that writes, on an index the user may only read, names the permission."""
+    give_to_owner(shared_store, directory_mode=0o755, file_mode=0o644)
+    before = owners(shared_store)
+    env = {"TELEMETRY_API_URL": "http://127.0.0.1:9/runs"}
+
+    code, _, err = run_cli_as(OTHER, "flush", "--data-dir", shared_store, env=env)
+
+    assert code == 1
+    assert_one_line_error(err, "cannot open the index", "for writing: permission denied",
+                          "store's owner")  # fmt: skip
+    assert "rebuild" not in err
+    assert owners(shared_store) == before
+
+
+@needs_root
+def test_read_only_directory(shared_store: Path) -> None:
+    """The owner reads a store whose directory is not writable, without creating files."""
+    give_to_owner(shared_store, directory_mode=0o555, file_mode=0o444)
+    before = owners(shared_store)
+
+    code, out, err = run_cli_as(OWNER, "runs", "--data-dir", shared_store)
+
+    assert code == 0, err
+    assert "stdlib-audit" in out
+    assert owners(shared_store) == before
+
+
+def test_runs_empty_index_not_migrated(tmp_path: Path) -> None:
+    """runs does not migrate an empty index file, and says how to migrate it."""
+    index = tmp_path / "telemetry.db"
+    index.touch()
+
+    result = run_cli("runs", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "schema version 0", "open it once for writing")
+    assert index.stat().st_size == 0
 
 
 # -- help -----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import orjson
 import pytest
 from cli_support import command_environment, run_cli, run_json
 from http_server import ScriptedServer
+from tmpfs_support import fill_file_system, mounted_tmpfs
 
 from telemetry import TelemetryClient, TelemetryConfig
 from telemetry.cli import _check, main
@@ -277,6 +278,41 @@ def test_flush_plain_progress_off_terminal(tmp_path: Path, api_server: ScriptedS
     assert "\r" not in result.stderr
 
 
+def test_flush_log_line_above_bar(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """On a terminal, an error logged while the bar is drawn starts a line of its own."""
+    record_runs(tmp_path, 2)
+    api_server.respond(201)  # the first post succeeds, so the bar shows 1/2
+    api_server.respond(500)
+    env = api_env(api_server, TELEMETRY_MAX_RETRIES="0")
+
+    code, output = run_in_terminal(["flush", "--data-dir", str(tmp_path)], env=env)
+
+    assert code == 1, output
+    assert "] 1/2\r\x1b[Ktelemetry: ERROR:" in output
+    assert output.count("] 2/2") == 1
+    assert "posted 1, failed 1, still pending 1" in output
+
+
+def test_flush_huge_limit(tmp_path: Path) -> None:
+    """A --limit beyond SQLite's largest integer is a one-line usage error."""
+    result = run_cli("flush", "--limit", "99999999999999999999999", data_dir=tmp_path,
+                     env={"TELEMETRY_API_URL": "http://127.0.0.1:9/runs"})  # fmt: skip
+
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert "9223372036854775807 at most" in result.stderr
+
+
+def test_flush_largest_limit(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """--limit 9223372036854775807 posts every pending run."""
+    record_runs(tmp_path, 2)
+
+    summary = run_json("flush", "--limit", "9223372036854775807", data_dir=tmp_path,
+                       env=api_env(api_server))  # fmt: skip
+
+    assert summary == {"posted": 2, "failed": 0, "not_tried": 0, "still_pending": 0}
+
+
 # -- check ------------------------------------------------------------------------------------
 
 
@@ -302,10 +338,10 @@ def test_check_clean_store(tmp_path: Path) -> None:
     assert_no_traceback(result)
 
 
-def test_check_stale_run_of_killed_process(tmp_path: Path) -> None:
-    """A run whose process died of SIGKILL is stale, and --repair ends it as abandoned."""
+def start_killed_run(data_dir: Path) -> tuple[str, int]:
+    """Start a run in an agent process, kill the process with SIGKILL; return (run id, pid)."""
     process = subprocess.Popen(
-        [sys.executable, "-c", RUN_FOREVER_SCRIPT, str(tmp_path)],
+        [sys.executable, "-c", RUN_FOREVER_SCRIPT, str(data_dir)],
         env=command_environment(),
         stdout=subprocess.PIPE,
     )
@@ -316,6 +352,12 @@ def test_check_stale_run_of_killed_process(tmp_path: Path) -> None:
         process.wait(WAIT_SECONDS)
         if process.stdout is not None:
             process.stdout.close()
+    return run_id, process.pid
+
+
+def test_check_stale_run_of_killed_process(tmp_path: Path) -> None:
+    """A run whose process died of SIGKILL is stale, and --repair ends it as abandoned."""
+    run_id, pid = start_killed_run(tmp_path)
 
     found = run_cli("check", data_dir=tmp_path)
     repaired = run_cli("check", "--repair", data_dir=tmp_path)
@@ -332,7 +374,7 @@ def test_check_stale_run_of_killed_process(tmp_path: Path) -> None:
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert "Marked 1 stale run abandoned." in repaired.stdout
     assert row.status == "abandoned"
-    assert f"process {process.pid}" in (row.error_summary or "")
+    assert f"process {pid}" in (row.error_summary or "")
     assert journal[-1]["record_type"] == "run_end"
     assert journal[-1]["status"] == "abandoned"
     assert again.returncode == 0, again.stdout
@@ -535,6 +577,221 @@ def test_check_missing_store(tmp_path: Path) -> None:
     assert str(missing) in result.stderr
     assert "--data-dir" in result.stderr
     assert_no_traceback(result)
+
+
+def test_check_repair_index_full(tmp_path: Path) -> None:
+    """A repair whose index write fails on a full disk is reported as not done, with exit 1."""
+    with mounted_tmpfs(tmp_path / "mnt") as mount_point:
+        store = mount_point / "store"
+        run_id, _ = start_killed_run(store)
+        fill_file_system(mount_point)
+
+        result = run_cli("check", "--repair", data_dir=store)
+        with DatabaseWriter(store / "telemetry.db") as index:
+            row = index.get_run(run_id)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Marked 0 stale runs abandoned." in result.stdout
+    assert (
+        f"Not repaired: run {run_id}: its run_end line was journaled, but its index row could "
+        "not be updated. The ERROR line above gives the cause."
+    ) in result.stdout.splitlines()
+    assert "and run 'telemetry check --repair' again" in result.stdout.splitlines()[-1]
+    assert "database or disk is full" in result.stderr
+    assert row is not None
+    assert row.status == "running"
+    assert_no_traceback(result)
+
+
+def test_check_repair_json_lists_failures(tmp_path: Path) -> None:
+    """--json gives the runs not repaired with the reason, and ok false."""
+    with mounted_tmpfs(tmp_path / "mnt") as mount_point:
+        store = mount_point / "store"
+        run_id, _ = start_killed_run(store)
+        fill_file_system(mount_point)
+
+        result = run_cli("check", "--repair", "--json", data_dir=store)
+
+    report = orjson.loads(result.stdout)
+    assert result.returncode == 1
+    assert report["ok"] is False
+    assert report["repaired"] == 0
+    assert [failure["run_id"] for failure in report["not_repaired"]] == [run_id]
+    assert "index row could not be updated" in report["not_repaired"][0]["reason"]
+
+
+def append_torn_line(data_dir: Path) -> Path:
+    """Append a line cut short, as a crash leaves it, to the store's newest journal file."""
+    journal_file = sorted((data_dir / "journal").iterdir())[-1]
+    with open(journal_file, "ab") as file:
+        file.write(b'{"record_type":"event","run_id":"x","event_ty')
+    return journal_file
+
+
+def test_check_torn_line_is_warning(tmp_path: Path) -> None:
+    """A line torn by a crash and closed by the next writer is a warning, with exit 0."""
+    record_runs(tmp_path, 1)
+    journal_file = append_torn_line(tmp_path)
+    record_runs(tmp_path, 1)  # its writer closes the torn line with a newline
+
+    result = run_cli("check", data_dir=tmp_path)
+    lines = result.stdout.splitlines()
+
+    assert result.returncode == 0, result.stdout
+    assert f"  {journal_file}: 1, cut short by a crash" in lines
+    assert (
+        "Warning: 1 journal line cut short by a crash is skipped by readers; --strict "
+        "counts it as a problem."
+    ) in lines
+    assert lines[-1] == "No problems found."
+    assert_no_traceback(result)
+
+
+def test_check_torn_line_strict(tmp_path: Path) -> None:
+    """With --strict, a torn line is a problem, with exit 1."""
+    record_runs(tmp_path, 1)
+    append_torn_line(tmp_path)
+
+    result = run_cli("check", "--strict", data_dir=tmp_path)
+    report = run_json_allowing_problems("check", "--strict", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert "Warning:" not in result.stdout
+    assert report["problems"] == 1
+    assert report["warnings"] == 0
+    assert report["strict"] is True
+
+
+def test_check_torn_line_json(tmp_path: Path) -> None:
+    """--json counts the torn lines per file and as warnings, and ok stays true."""
+    record_runs(tmp_path, 1)
+    journal_file = append_torn_line(tmp_path)
+    record_runs(tmp_path, 1)
+
+    report = run_json("check", data_dir=tmp_path)
+
+    assert report["ok"] is True
+    assert report["problems"] == 0
+    assert report["warnings"] == 1
+    assert report["journal"]["corrupt_lines"] == {str(journal_file): 1}
+    assert report["journal"]["torn_lines"] == {str(journal_file): 1}
+
+
+def test_check_torn_line_after_rebuild(tmp_path: Path) -> None:
+    """A rebuild does not turn a torn line into a problem: check still exits 0."""
+    record_runs(tmp_path, 1)
+    append_torn_line(tmp_path)
+    record_runs(tmp_path, 1)
+
+    rebuilt = run_cli("rebuild", data_dir=tmp_path)
+    result = run_cli("check", data_dir=tmp_path)
+
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert result.returncode == 0, result.stdout
+
+
+def test_check_torn_and_other_lines(tmp_path: Path) -> None:
+    """A file with a torn line and another unreadable line is one problem."""
+    record_runs(tmp_path, 1)
+    journal_file = append_torn_line(tmp_path)
+    with open(journal_file, "ab") as file:
+        file.write(b"\n[1, 2]\n")
+
+    result = run_cli("check", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert f"  {journal_file}: 2, of which 1 cut short by a crash" in result.stdout.splitlines()
+    assert "Found 1 problem: readers skip the unreadable journal lines" in result.stdout
+
+
+def test_check_future_journal_file(tmp_path: Path) -> None:
+    """A journal file dated days ahead is a finding, even when it is empty."""
+    record_runs(tmp_path, 1)
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=3)
+    future_file = tmp_path / "journal" / f"events_{later:%Y%m%d}.ndjson"
+    future_file.touch()
+
+    result = run_cli("check", data_dir=tmp_path)
+    report = run_json_allowing_problems("check", data_dir=tmp_path)
+
+    assert result.returncode == 1
+    assert "Journal files dated in the future: 1" in result.stdout
+    assert f"  {future_file}" in result.stdout.splitlines()
+    assert "fix the clock of the host" in result.stdout.splitlines()[-1]
+    assert report["journal"]["future_files"] == [str(future_file)]
+    assert report["problems"] == 1
+
+
+def test_check_todays_file_not_future(tmp_path: Path) -> None:
+    """Today's journal file is not dated in the future."""
+    record_runs(tmp_path, 1)
+
+    report = run_json("check", data_dir=tmp_path)
+
+    assert report["journal"]["future_files"] == []
+
+
+def test_check_future_files_tolerance(tmp_path: Path) -> None:
+    """Tomorrow's file counts only when midnight is further away than the tolerance."""
+    reader = JournalReader(tmp_path)
+    tmp_path.joinpath("events_20261205.ndjson").touch()
+    utc = datetime.timezone.utc
+
+    near_midnight = _check._future_files(reader, datetime.datetime(2026, 12, 4, 23, 55, tzinfo=utc))
+    at_noon = _check._future_files(reader, datetime.datetime(2026, 12, 4, 12, 0, tzinfo=utc))
+
+    assert near_midnight == []
+    assert [journal_file.date for journal_file in at_noon] == ["20261205"]
+
+
+def test_check_unreadable_index_row(tmp_path: Path) -> None:
+    """A row that RunRecord cannot read is listed with its run id, and a rebuild repairs it."""
+    _, damaged = record_runs(tmp_path, 2)
+    with sqlite3.connect(tmp_path / "telemetry.db") as connection:
+        connection.execute(
+            "UPDATE agent_runs SET metrics_json = '{bad' WHERE run_id = ?", (damaged,)
+        )
+    connection.close()
+
+    found = run_cli("check", data_dir=tmp_path)
+    report = run_json_allowing_problems("check", data_dir=tmp_path)
+    rebuilt = run_cli("rebuild", data_dir=tmp_path)
+    again = run_cli("check", data_dir=tmp_path)
+
+    assert found.returncode == 1
+    assert "Index rows that cannot be read: 1" in found.stdout
+    assert any(line.startswith(f"  {damaged}: ") for line in found.stdout.splitlines())
+    assert "telemetry rebuild" in found.stdout.splitlines()[-1]
+    assert [row["run_id"] for row in report["index"]["unreadable_rows"]] == [damaged]
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert again.returncode == 0, again.stdout
+    assert_no_traceback(found)
+
+
+def exited_pid() -> int:
+    """Return the pid of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=WAIT_SECONDS)
+    return child.pid
+
+
+def test_check_leftover_rebuild_files(tmp_path: Path) -> None:
+    """Files of a killed rebuild are listed as a finding, and rebuild removes them."""
+    record_runs(tmp_path, 1)
+    leftover = tmp_path / f"telemetry.db.rebuild-{exited_pid()}-c53b4ca9"
+    leftover.write_bytes(b"a new index that was never swapped in")
+
+    found = run_cli("check", data_dir=tmp_path)
+    rebuilt = run_cli("rebuild", data_dir=tmp_path)
+    again = run_cli("check", data_dir=tmp_path)
+
+    assert found.returncode == 1
+    assert "Files left by killed rebuilds: 1" in found.stdout
+    assert f"  {leftover}" in found.stdout.splitlines()
+    assert "delete the files left by killed rebuilds" in found.stdout.splitlines()[-1]
+    assert f"Removed {leftover}, left by a killed rebuild." in rebuilt.stdout
+    assert not leftover.exists()
+    assert again.returncode == 0, again.stdout
 
 
 # -- errors of every subcommand ----------------------------------------------------------------

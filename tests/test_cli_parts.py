@@ -12,13 +12,21 @@ from pathlib import Path
 import pytest
 
 from telemetry.cli import main
-from telemetry.cli._args import parse_count, parse_duration, parse_since
+from telemetry.cli._args import (
+    COUNT_MAX,
+    parse_count,
+    parse_duration,
+    parse_since,
+    parse_text,
+)
 from telemetry.cli._output import (
     Progress,
+    ProgressAwareHandler,
     format_duration,
     format_span,
     format_time,
     print_table,
+    write_line,
 )
 
 UTC = datetime.timezone.utc
@@ -90,6 +98,76 @@ def test_count_other_minimum() -> None:
     assert parse_count("0", minimum=0) == 0
     with pytest.raises(argparse.ArgumentTypeError, match="expected 0 or more"):
         parse_count("-1", minimum=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-12-01T08:30", datetime.datetime(2026, 12, 1, 8, 30, tzinfo=UTC)),
+        ("2026-12-01 08:30:15", datetime.datetime(2026, 12, 1, 8, 30, 15, tzinfo=UTC)),
+        ("2026-12-04T22:46:11.48", datetime.datetime(2026, 12, 4, 22, 46, 11, 480000, tzinfo=UTC)),
+        (
+            "2026-12-04T22:46:11.123456Z",
+            datetime.datetime(2026, 12, 4, 22, 46, 11, 123456, tzinfo=UTC),
+        ),
+        ("2026-12-01T08:30-05:30", datetime.datetime(2026, 12, 1, 14, 0, tzinfo=UTC)),
+        ("2026-12-01t08:30z", datetime.datetime(2026, 12, 1, 8, 30, tzinfo=UTC)),
+    ],
+)
+def test_since_time_forms(text: str, expected: datetime.datetime) -> None:
+    """--since takes a date with a time to the minute, second or microsecond, and an offset."""
+    assert parse_since(text, NOW) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "20261204",
+        "2026-W49",
+        "2026-W49-5",
+        "2026-338",
+        "2026-12-01T08",
+        "2026-12-01T0830",
+        "2026-12-01T08:30:15.1234567",
+        "2026-12-01+02:00",
+        "2026-12-01T08:30+0200",
+        "2026-02-30",
+        "2026-12-01T24:00",
+        "2026-12-01T08:30+24:00",
+        "\u0662\u0660\u0662\u0666-12-01",
+    ],
+)
+def test_since_other_forms_rejected(text: str) -> None:
+    """Forms that only some Python versions' fromisoformat accepts are rejected on all."""
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid time"):
+        parse_since(text, NOW)
+
+
+def test_text_utf8() -> None:
+    """Text that is valid UTF-8 is returned unchanged."""
+    assert parse_text("agent-ü") == "agent-ü"
+
+
+def test_text_not_utf8() -> None:
+    """A lone surrogate, as Python decodes a byte that is not UTF-8, is rejected."""
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'a\\xff': not valid UTF-8"):
+        parse_text("a\udcff")
+
+
+def test_count_maximum() -> None:
+    """A count above SQLite's largest integer, or above a given maximum, is rejected."""
+    assert parse_count(str(COUNT_MAX)) == COUNT_MAX
+    with pytest.raises(argparse.ArgumentTypeError, match=f"expected {COUNT_MAX} at most"):
+        parse_count(str(COUNT_MAX + 1))
+    with pytest.raises(argparse.ArgumentTypeError, match="expected 5 at most"):
+        parse_count("6", maximum=5)
+
+
+def test_count_too_many_digits() -> None:
+    """A number with more digits than int() converts is reported as too large."""
+    with pytest.raises(argparse.ArgumentTypeError, match="at most") as caught:
+        parse_count("9" * 5000)
+    assert len(str(caught.value)) < 100
 
 
 @pytest.mark.parametrize(
@@ -186,6 +264,77 @@ def test_progress_silent_without_lines() -> None:
         progress.update(done)
     progress.finish()
     assert out.getvalue() == ""
+
+
+def test_progress_bar_final_state_once() -> None:
+    """The final state that update drew is not drawn again by finish."""
+    out = io.StringIO()
+    progress = Progress("posting", 8, out, bar=True, clock=lambda: 0.0)
+    for done in range(1, 9):
+        progress.update(done)
+    progress.finish()
+    assert out.getvalue().count("8/8") == 1
+    assert out.getvalue().endswith("] 8/8\n")
+
+
+def test_progress_plain_no_repeat() -> None:
+    """A plain line already written for the final count is not written again by finish."""
+    out = io.StringIO()
+    progress = Progress("posting", 5, out, bar=False)
+    progress.update(1)
+    progress.finish()
+    assert out.getvalue().splitlines() == ["posting: 1/5"]
+
+
+def test_write_line_above_bar() -> None:
+    """A line written while a bar is drawn clears the bar's line, then redraws the bar."""
+    out = io.StringIO()
+    progress = Progress("posting", 4, out, bar=True, clock=lambda: 0.0)
+    progress.update(1)
+    write_line(out, "telemetry: ERROR: gave up")
+    progress.update(4)
+    progress.finish()
+    lines = out.getvalue().split("\n")
+    assert (
+        lines[0]
+        == "\rposting [#######-----------------------] 1/4\r\x1b[Ktelemetry: ERROR: gave up"
+    )
+    assert (
+        lines[1] == "\rposting [#######-----------------------] 1/4\rposting [" + "#" * 30 + "] 4/4"
+    )
+    assert lines[2] == ""
+
+
+def test_write_line_without_bar() -> None:
+    """Without a bar on the stream, write_line writes only the line."""
+    out = io.StringIO()
+    other = io.StringIO()
+    progress = Progress("posting", 4, other, bar=True, clock=lambda: 0.0)
+    progress.update(1)
+    write_line(out, "message")
+    progress.finish()
+    write_line(other, "after")
+    assert out.getvalue() == "message\n"
+    assert other.getvalue().endswith("\nafter\n")
+
+
+def test_progress_aware_handler() -> None:
+    """Log records go through write_line, so they start a line of their own."""
+    out = io.StringIO()
+    handler = ProgressAwareHandler(out)
+    handler.setFormatter(logging.Formatter("telemetry: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("telemetry.test_cli_parts")
+    logger.addHandler(handler)
+    logger.propagate = False
+    progress = Progress("posting", 2, out, bar=True, clock=lambda: 0.0)
+    try:
+        progress.update(1)
+        logger.error("post failed")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        progress.finish()
+    assert "\r\x1b[Ktelemetry: ERROR: post failed\n" in out.getvalue()
 
 
 def fail_during_progress(progress: Progress, done: int) -> None:

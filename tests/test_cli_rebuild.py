@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from cli_support import command_environment, run_cli, run_json
 from http_server import ScriptedServer
+from tmpfs_support import fill_file_system, mounted_tmpfs
 
 from telemetry import TelemetryClient, TelemetryConfig
 from telemetry.cli import main
@@ -155,6 +156,75 @@ def test_rebuild_summary_without_rejections(tmp_path: Path) -> None:
     assert "Left out" not in text.stdout
 
 
+def test_rebuild_keeps_damaged_backup(tmp_path: Path) -> None:
+    """A damaged index moved aside survives a second rebuild, and the summary names its copy."""
+    record_runs(tmp_path)
+    garbage = b"\x00garbage, not SQLite\xff" * 512
+    (tmp_path / "telemetry.db").write_bytes(garbage)
+
+    first = run_cli("rebuild", data_dir=tmp_path)
+    second = run_json("rebuild", data_dir=tmp_path)
+    damaged = [path for path in tmp_path.iterdir() if path.name.startswith("telemetry.db.bak-")]
+
+    assert first.returncode == 0, first.stderr
+    assert len(damaged) == 1
+    assert damaged[0].read_bytes() == garbage
+    assert (
+        f"The damaged old index is kept at {damaged[0]}; no later rebuild replaces it."
+    ) in first.stdout.splitlines()
+    assert second["backup_path"] == str(tmp_path / f"telemetry.db{BACKUP_SUFFIX}")
+    assert second["damaged_backup"] is False
+
+
+def test_rebuild_reports_index_only_rows(tmp_path: Path) -> None:
+    """The summary counts the rows that only the old index had and that were kept."""
+    record_runs(tmp_path)
+    started = get_iso8601_timestamp()
+    extra = RunRecord(
+        run_id="index-only-run", agent_name="lost-agent", job_type="job", start_time=started
+    )
+    with DatabaseWriter(tmp_path / "telemetry.db") as index:
+        index.load_runs([extra])
+
+    text = run_cli("rebuild", data_dir=tmp_path)
+    summary = run_json("rebuild", data_dir=tmp_path)
+
+    assert text.returncode == 0, text.stderr
+    assert (
+        "Kept 1 row that only the old index had: runs that no journal line describes, or "
+        "that started during the rebuild."
+    ) in text.stdout.splitlines()
+    assert summary["index_only_rows"] == 1
+    assert "index-only-run" in {row["run_id"] for row in index_rows(tmp_path)}
+
+
+def test_rebuild_disk_full(tmp_path: Path) -> None:
+    """A rebuild on a full file system fails with one line naming the index and the fix."""
+    with mounted_tmpfs(tmp_path / "mnt") as mount_point:
+        store = mount_point / "store"
+        with make_client(store) as client:
+            for number in range(20):
+                run_id = client.start_run("local-agent", "audit")
+                client.end_run(run_id, "success", error_summary="x" * 2000 + str(number))
+        (store / "telemetry.db").unlink()
+        for suffix in ("-wal", "-shm"):
+            Path(f"{store / 'telemetry.db'}{suffix}").unlink(missing_ok=True)
+        fill_file_system(mount_point)
+
+        result = run_cli("rebuild", data_dir=store)
+        leftovers = [path.name for path in store.iterdir() if ".rebuild-" in path.name]
+
+    lines = result.stderr.splitlines()
+    db_path = store / "telemetry.db"
+    assert result.returncode == 1
+    assert lines[-1].startswith(
+        f"telemetry rebuild: cannot rebuild the index {db_path}: database or disk is full. "
+        f"Free space on the file system of {store}"
+    )
+    assert leftovers == []
+    assert "Traceback" not in result.stderr
+
+
 def test_rebuild_help_describes_merge(capsys: pytest.CaptureFixture[str]) -> None:
     """The help describes the merge and the backup's name."""
     code = main(["rebuild", "--help"])
@@ -164,4 +234,5 @@ def test_rebuild_help_describes_merge(capsys: pytest.CaptureFixture[str]) -> Non
     assert "are merged into the index in one" in output
     assert "Rows that only the index has are kept" in output
     assert f"named like the index with {BACKUP_SUFFIX} added" in output
-    assert "replaces" not in output
+    assert "replaces the old one" not in output
+    assert "damaged old index is kept under a name with the\ntime" in output

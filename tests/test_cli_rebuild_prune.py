@@ -221,6 +221,46 @@ def test_prune_dry_run(aged_store: Path) -> None:
     assert len(index_rows(aged_store)) == 3
 
 
+def record_old_running_run(data_dir: Path, days_ago: int) -> RunRecord:
+    """Journal and index a run of another host that started ``days_ago`` days ago and runs."""
+    start = datetime.datetime.now(UTC) - datetime.timedelta(days=days_ago)
+    started = get_iso8601_timestamp(start)
+    record = RunRecord(
+        run_id=generate_run_id("daemon-agent"),
+        agent_name="daemon-agent",
+        job_type="serve",
+        start_time=started,
+        created_at=started,
+        updated_at=started,
+        hostname="elsewhere-host",
+        pid=4242,
+    )
+    writer = NDJSONWriter(data_dir / "journal")
+    try:
+        writer.append("run_start", record.to_dict())
+    finally:
+        writer.close()
+    with DatabaseWriter(data_dir / "telemetry.db") as index:
+        index.load_runs([record])
+    return record
+
+
+def test_prune_dry_run_counts_running(aged_store: Path) -> None:
+    """--dry-run counts the rows that would go of runs still running."""
+    record_old_running_run(aged_store, 100)
+
+    result = run_cli("prune", "--older-than", "90d", "--dry-run", data_dir=aged_store)
+    plan = run_json("prune", "--older-than", "90d", "--dry-run", data_dir=aged_store)
+
+    assert result.returncode == 0, result.stderr
+    assert "and 3 index rows older than" in result.stdout.splitlines()[0]
+    assert (
+        "1 of these runs is still running, with no end recorded: 'telemetry check' tells "
+        "whether their processes are gone."
+    ) in result.stdout.splitlines()
+    assert plan["running_runs"] == 1
+
+
 def test_prune_dry_run_json(aged_store: Path) -> None:
     """--dry-run --json gives the cutoff, the files and the number of rows."""
     plan = run_json("prune", "--older-than", "90d", "--dry-run", data_dir=aged_store)
@@ -233,6 +273,7 @@ def test_prune_dry_run_json(aged_store: Path) -> None:
         str(journal_file_of(aged_store, 120)),
     ]
     assert plan["runs"] == 2
+    assert plan["running_runs"] == 0
     assert plan["bytes"] > 0
     assert plan["runs_deleted"] == 0
     assert cutoff.date() == expected_cutoff.date()

@@ -296,3 +296,25 @@ def test_tail_invalid_lines(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "-1" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_tail_lookup_leaves_index_unchanged(
+    tmp_path: Path, start_tail: Callable[..., TailProcess]
+) -> None:
+    """The index lookup for an event without agent_name opens the index read-only."""
+    index = tmp_path / "telemetry.db"
+    index.touch()  # schema version 0, which a writer would migrate
+    journal = NDJSONWriter(tmp_path / "journal", durability="none")
+    try:
+        event = RunEvent("run-1", "orphan", get_iso8601_timestamp())
+        journal.append("event", {**event.to_dict(), "agent_name": None})
+    finally:
+        journal.close()
+    tail = start_tail("--lines", "1")
+
+    line = tail.read_line()
+    code = tail.interrupt()
+
+    assert line.split()[2:6] == ["event", "-", "run-1", "orphan"]
+    assert code == 0
+    assert index.stat().st_size == 0

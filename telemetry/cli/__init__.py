@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from telemetry import __version__
 from telemetry.cli import _check, _config, _flush, _prune, _rebuild, _runs, _stats, _tail
 from telemetry.cli._args import CommandParser
 from telemetry.cli._context import (
@@ -31,6 +32,7 @@ from telemetry.cli._context import (
     index_locked_message,
     is_lock_error,
 )
+from telemetry.cli._output import ProgressAwareHandler
 from telemetry.config import resolve_config
 from telemetry.errors import ConfigError, TelemetryError
 
@@ -51,8 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error already printed
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # Reported by the subcommand's parser, so that the message names it.
+            args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
     with _escaped_unencodable_output(), _library_warnings_shown():
@@ -94,24 +99,30 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the parser of the command and all its subcommands."""
+    """Return the parser of the command and all its subcommands.
+
+    --data-dir is accepted before the subcommand and after it. The subcommands' option
+    has no default, so that it replaces the main parser's value only when it is given.
+    """
+    data_dir_help = "the store to use (default: TELEMETRY_DATA_DIR, else the XDG data directory)"
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        help="the store to use (default: TELEMETRY_DATA_DIR, else the XDG data directory)",
+        "--data-dir", type=Path, metavar="DIR", default=argparse.SUPPRESS, help=data_dir_help
     )
 
     parser = CommandParser(
         prog="telemetry",
         description="Look at, repair and ship the runs that agent-telemetry recorded.",
     )
+    parser.add_argument("--version", action="version", version=f"telemetry {__version__}")
+    parser.add_argument("--data-dir", type=Path, metavar="DIR", help=data_dir_help)
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=CommandParser
     )
     for module in _COMMAND_MODULES:
         module.register(commands, common)
+    for command_parser in commands.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -122,7 +133,7 @@ def _library_warnings_shown() -> Iterator[None]:
     The ``telemetry`` logger gets a handler, and the level WARNING when its level would
     hide warnings. Both are undone when the block ends.
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = ProgressAwareHandler(sys.stderr)
     handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter("telemetry: %(levelname)s: %(message)s"))
     logger = logging.getLogger("telemetry")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -12,6 +14,7 @@ import orjson
 
 __all__ = [
     "Progress",
+    "ProgressAwareHandler",
     "format_bytes",
     "format_duration",
     "format_span",
@@ -20,6 +23,7 @@ __all__ = [
     "print_json",
     "print_table",
     "printable",
+    "write_line",
 ]
 
 
@@ -115,12 +119,47 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+# The progress bar drawn on a stream now, if any, so that write_line can keep log lines
+# off its line. The lock orders drawing and writing across threads.
+_bar_lock = threading.RLock()
+_drawn_bar: Progress | None = None
+
+
+def write_line(stream: TextIO, text: str) -> None:
+    """Write ``text`` and a newline to ``stream``, above the progress bar drawn there.
+
+    The bar's line is cleared first (``\\r`` and the ANSI erase-line sequence) and the bar
+    is drawn again below the text, so that the text starts a line of its own.
+    """
+    with _bar_lock:
+        bar = _drawn_bar if _drawn_bar is not None and _drawn_bar.stream is stream else None
+        if bar is not None:
+            stream.write("\r\x1b[K")
+        stream.write(text + "\n")
+        if bar is not None:
+            bar.redraw()
+        stream.flush()
+
+
+class ProgressAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A logging handler that writes each record above a progress bar, with write_line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            write_line(self.stream, self.format(record))
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 class Progress:
     """Shows how far a long operation has got, on a stream of its own (stderr).
 
     With ``bar`` true the line is redrawn in place (``\\r``); otherwise, when ``lines`` is
     true, a plain line is written each time another tenth of the work is done, and at
-    the end. With neither, nothing is shown.
+    the end. With neither, nothing is shown. No state is shown twice in a row, and log
+    lines written with write_line (as ProgressAwareHandler does) go above the bar.
 
     Used as a context manager, the display is finished when the block ends. When the
     block raises, the bar only gets its newline and no final count is written, so that
@@ -151,13 +190,14 @@ class Progress:
         self.label = label
         self.total = max(0, total)
         self.done = 0
-        self._stream = stream
+        self.stream = stream
         self._bar = bar
         self._lines = lines
         self._clock = clock
         self._last_draw = -1.0
         self._last_tenth = 0
-        self._drawn = False
+        # The (done, total) last drawn as a bar or written as a line, or None.
+        self._shown_state: tuple[int, int] | None = None
         self._finished = False
 
     def __enter__(self) -> Progress:
@@ -185,8 +225,7 @@ class Progress:
             tenth = min(10, done * 10 // self.total)
             if tenth > self._last_tenth:
                 self._last_tenth = tenth
-                self._stream.write(f"{self.label}: {done}/{self.total}\n")
-                self._stream.flush()
+                self._write_line()
 
     def finish(self, *, completed: bool = True) -> None:
         """End the display. Calls after the first do nothing.
@@ -195,25 +234,49 @@ class Progress:
             completed: false when the work failed. The bar then only ends its line, and
                 no final count is written.
         """
+        global _drawn_bar
         if self._finished:
             return
         self._finished = True
-        if self._bar and completed:
+        with _bar_lock:
+            if self._bar and completed:
+                self._draw()
+            if self._bar and self._shown_state is not None:
+                self.stream.write("\n")
+            elif self._lines and completed and self.total:
+                self._write_line()
+            if _drawn_bar is self:
+                _drawn_bar = None
+            self.stream.flush()
+
+    def redraw(self) -> None:
+        """Draw the bar again after other text cleared its line."""
+        with _bar_lock:
+            self._shown_state = None
             self._draw()
-            self._stream.write("\n")
-        elif self._bar and self._drawn:
-            self._stream.write("\n")
-        elif self._lines and completed and self.total and self._last_tenth < 10:
-            self._stream.write(f"{self.label}: {self.done}/{self.total}\n")
-        self._stream.flush()
+
+    def _state(self) -> tuple[int, int]:
+        return self.done, self.total
 
     def _draw(self) -> None:
-        if self.total:
-            filled = min(self.WIDTH, self.WIDTH * self.done // self.total)
-            bar = "#" * filled + "-" * (self.WIDTH - filled)
-            text = f"\r{self.label} [{bar}] {self.done}/{self.total}"
-        else:
-            text = f"\r{self.label}: {self.done}"
-        self._stream.write(text)
-        self._stream.flush()
-        self._drawn = True
+        global _drawn_bar
+        with _bar_lock:
+            if self._shown_state == self._state():
+                return
+            if self.total:
+                filled = min(self.WIDTH, self.WIDTH * self.done // self.total)
+                bar = "#" * filled + "-" * (self.WIDTH - filled)
+                text = f"\r{self.label} [{bar}] {self.done}/{self.total}"
+            else:
+                text = f"\r{self.label}: {self.done}"
+            self.stream.write(text)
+            self.stream.flush()
+            self._shown_state = self._state()
+            _drawn_bar = self
+
+    def _write_line(self) -> None:
+        if self._shown_state == self._state():
+            return
+        self.stream.write(f"{self.label}: {self.done}/{self.total}\n")
+        self.stream.flush()
+        self._shown_state = self._state()

@@ -9,6 +9,7 @@ from typing import Any
 from telemetry.cli._args import parse_duration
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError, UsageError
 from telemetry.cli._output import format_bytes, plural, print_json
+from telemetry.models import get_iso8601_timestamp
 from telemetry.retention import MIN_OLDER_THAN, PrunePlan, PruneResult, plan_prune, prune
 
 __all__ = ["register"]
@@ -21,7 +22,8 @@ examples:
 The cutoff is the start (00:00 UTC) of the day --older-than before now. Journal files
 dated before that day are deleted, and so are the index rows of runs that started and
 ended before it. A run that ended after the cutoff keeps its row, and a run still
-running that started before it loses its row. --dry-run lists them and deletes nothing.
+running that started before it loses its row. --dry-run counts those runs and lists the
+files, and deletes nothing.
 
 When the API is configured, prune deletes nothing and exits 1 if some of those runs are
 not yet posted to the API: run 'telemetry flush' first, or pass --include-pending.
@@ -34,8 +36,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "prune",
         parents=[common],
         help="delete old journal files and index rows",
+        # Wrapped by hand, because RawDescriptionHelpFormatter keeps the line breaks.
         description=(
-            "Delete the journal files and the index rows older than --older-than, with "
+            "Delete the journal files and the index rows older than --older-than, with\n"
             "--dry-run to see first what would go."
         ),
         epilog=_EPILOG,
@@ -74,6 +77,7 @@ def prune_command(args: argparse.Namespace, context: CommandContext) -> int:
         ) from None
 
     pending = _pending_runs(plan, context)
+    running = _running_runs(plan, context)
     if pending and not args.dry_run and not args.include_pending:
         raise CommandError(
             f"{plural(pending, 'run')} older than {_format_cutoff(plan.cutoff)} "
@@ -88,9 +92,9 @@ def prune_command(args: argparse.Namespace, context: CommandContext) -> int:
             result = prune(index, plan, progress=progress.update, now=now)
 
     if args.json:
-        print_json(_as_json(plan, result, args), context.out)
+        print_json(_as_json(plan, result, args, running), context.out)
     else:
-        _print_report(plan, result, args, pending, context)
+        _print_report(plan, result, args, pending, running, context)
     return EXIT_OK
 
 
@@ -99,11 +103,21 @@ def _pending_runs(plan: PrunePlan, context: CommandContext) -> int:
     return plan.pending_runs if context.config.api_configured else 0
 
 
+def _running_runs(plan: PrunePlan, context: CommandContext) -> int:
+    """Count the planned rows of runs still running: those that started before the cutoff."""
+    if not plan.runs:
+        return 0
+    cutoff = get_iso8601_timestamp(plan.cutoff)
+    # Few runs are running at any time, so streaming them is cheap.
+    return sum(1 for _ in context.open_index().iter_runs(status="running", until=cutoff))
+
+
 def _print_report(
     plan: PrunePlan,
     result: PruneResult | None,
     args: argparse.Namespace,
     pending: int,
+    running: int,
     context: CommandContext,
 ) -> None:
     out = context.out
@@ -130,6 +144,13 @@ def _print_report(
     for journal_file in plan.files:
         print(f"  {journal_file.path}", file=out)
 
+    if running:
+        verb = "is" if running == 1 else "are"
+        print(
+            f"{running} of these runs {verb} still running, with no end recorded: 'telemetry "
+            "check' tells whether their processes are gone.",
+            file=out,
+        )
     if pending:
         print(_pending_note(pending, args), file=out)
     if args.dry_run:
@@ -153,7 +174,7 @@ def _pending_note(pending: int, args: argparse.Namespace) -> str:
 
 
 def _as_json(
-    plan: PrunePlan, result: PruneResult | None, args: argparse.Namespace
+    plan: PrunePlan, result: PruneResult | None, args: argparse.Namespace, running: int
 ) -> dict[str, Any]:
     report: dict[str, Any] = {
         "dry_run": args.dry_run,
@@ -166,6 +187,7 @@ def _as_json(
         "bytes": plan.bytes,
         "runs": plan.runs,
         "pending_runs": plan.pending_runs,
+        "running_runs": running,
         "files_deleted": 0,
         "bytes_deleted": 0,
         "runs_deleted": 0,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import sqlite3
 from typing import Any
 
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError
@@ -22,7 +24,10 @@ The journal is read whole, and the runs it describes are merged into the index i
 transaction. Runs whose status is the same in the index keep their API sync state (posted
 or pending); the other runs are pending. Rows that only the index has are kept. A damaged
 index keeps the rows that can still be read from it. Agents may keep running meanwhile.
-A copy of the old index is kept beside it, named like the index with {BACKUP_SUFFIX} added.
+A copy of the old index is kept beside it, named like the index with {BACKUP_SUFFIX} added
+and replaced by the next rebuild. A damaged old index is kept under a name with the
+time, such as telemetry.db{BACKUP_SUFFIX}-20261204T231500Z, which no rebuild replaces.
+Files that killed rebuilds left beside the index are removed first.
 """
 
 
@@ -32,8 +37,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "rebuild",
         parents=[common],
         help="rebuild the index from the journal",
+        # Wrapped by hand, because RawDescriptionHelpFormatter keeps the line breaks.
         description=(
-            "Rebuild the SQLite index from the journal, for an index that is damaged, lost "
+            "Rebuild the SQLite index from the journal, for an index that is damaged, lost\n"
             "or out of step with the journal. The old index is kept as a backup."
         ),
         epilog=_EPILOG,
@@ -61,6 +67,8 @@ def rebuild(args: argparse.Namespace, context: CommandContext) -> int:
         completed = True
     except IndexLockedError as exc:
         raise CommandError(str(exc)) from None
+    except (sqlite3.Error, OSError) as exc:
+        raise CommandError(_failure_message(exc, context)) from None
     finally:
         progress.finish(completed=completed)
 
@@ -92,6 +100,26 @@ class _PhaseProgress:
             self._progress = None
 
 
+def _failure_message(exc: sqlite3.Error | OSError, context: CommandContext) -> str:
+    """Return the one-line error of a rebuild that failed, naming the index and the fix."""
+    db_path = context.config.db_path
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        cause = f"{exc.strerror}: {exc.filename}"
+    else:
+        cause = str(exc) or type(exc).__name__
+    message = f"cannot rebuild the index {db_path}: {cause}"
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
+        isinstance(exc, sqlite3.Error) and "disk is full" in str(exc)
+    )
+    if full:
+        message += (
+            f". Free space on the file system of {db_path.parent}, where the rebuild writes "
+            "a new index and a backup of the old one, each about as large as the index, "
+            "and run it again"
+        )
+    return message
+
+
 def _print_summary(result: RebuildResult, context: CommandContext) -> None:
     out = context.out
     print(
@@ -110,10 +138,23 @@ def _print_summary(result: RebuildResult, context: CommandContext) -> None:
         f"Kept the API sync state of {plural(result.kept_sync_state, 'run')} from the old index.",
         file=out,
     )
+    if result.index_only_rows:
+        print(
+            f"Kept {plural(result.index_only_rows, 'row')} that only the old index had: runs "
+            "that no journal line describes, or that started during the rebuild.",
+            file=out,
+        )
     if result.backup_path is None:
         print("There was no old index to keep.", file=out)
+    elif result.damaged_backup:
+        print(
+            f"The damaged old index is kept at {result.backup_path}; no later rebuild replaces it.",
+            file=out,
+        )
     else:
         print(f"The old index is kept at {result.backup_path}.", file=out)
+    for path in result.removed_files:
+        print(f"Removed {path}, left by a killed rebuild.", file=out)
 
 
 def _as_json(result: RebuildResult, context: CommandContext) -> dict[str, Any]:
@@ -125,5 +166,8 @@ def _as_json(result: RebuildResult, context: CommandContext) -> dict[str, Any]:
         "corrupt_lines": result.corrupt_lines,
         "rejected_runs": result.rejected_runs,
         "kept_sync_state": result.kept_sync_state,
+        "index_only_rows": result.index_only_rows,
         "backup_path": None if result.backup_path is None else str(result.backup_path),
+        "damaged_backup": result.damaged_backup,
+        "removed_files": [str(path) for path in result.removed_files],
     }

@@ -6,6 +6,7 @@ import argparse
 import csv
 import dataclasses
 import os
+import sqlite3
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -15,9 +16,9 @@ from typing import Any, TextIO, TypedDict
 
 import orjson
 
-from telemetry.cli._args import parse_count, parse_since
+from telemetry.cli._args import COUNT_MAX, parse_count, parse_since, parse_text
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError, UsageError
-from telemetry.cli._output import format_duration, format_time, print_json, print_table
+from telemetry.cli._output import format_duration, format_time, plural, print_json, print_table
 from telemetry.models import STATUSES, RunRecord, get_iso8601_timestamp
 
 __all__ = ["register"]
@@ -93,7 +94,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         epilog=_SHOW_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    show.add_argument("run_id", metavar="RUN_ID", help="the id of the run")
+    show.add_argument("run_id", type=parse_text, metavar="RUN_ID", help="the id of the run")
     show.add_argument(
         "--json", action="store_true", help='print {"run": {...}, "events": [...]} as JSON'
     )
@@ -135,8 +136,13 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--agent", metavar="NAME", help="only runs of this agent")
-    parser.add_argument("--status", choices=STATUSES, help="only runs with this status")
+    parser.add_argument("--agent", type=parse_text, metavar="NAME", help="only runs of this agent")
+    parser.add_argument(
+        "--status",
+        choices=STATUSES,
+        metavar="STATUS",
+        help=f"only runs with this status: {', '.join(STATUSES)}",
+    )
     parser.add_argument(
         "--since",
         type=parse_since,
@@ -162,7 +168,17 @@ class _RunFilters(TypedDict):
 
 
 def _filters(args: argparse.Namespace) -> _RunFilters:
-    """Return the filters that --agent, --status, --since and --until ask for."""
+    """Return the filters that --agent, --status, --since and --until ask for.
+
+    Raises:
+        UsageError: --until is not later than --since, so no run could match.
+    """
+    if args.since is not None and args.until is not None and args.until <= args.since:
+        raise UsageError(
+            f"--until {get_iso8601_timestamp(args.until)} is not later than --since "
+            f"{get_iso8601_timestamp(args.since)}, so no run could match: swap them, or "
+            "give an --until after --since"
+        )
     return {
         "agent_name": args.agent,
         "status": args.status,
@@ -186,13 +202,32 @@ def _reading_rows(context: CommandContext, run_id: str | None = None) -> Iterato
     except UnicodeError:
         raise  # an argument that SQLite cannot encode, such as a lone surrogate
     except ValueError as exc:
-        # NOTE: the index does not say which row failed in a listing, so only a lookup
-        # by id can name it.
-        row = "a row" if run_id is None else f"the row of run {run_id}"
+        if run_id is None:
+            problem = _describe_unreadable_rows(context, exc)
+        else:
+            problem = f"the row of run {run_id}, which cannot be read ({exc})"
         raise CommandError(
-            f"the index {context.config.db_path} has {row} that cannot be read ({exc}): "
+            f"the index {context.config.db_path} has {problem}: "
             "run 'telemetry rebuild' to rebuild the index from the journal"
         ) from None
+
+
+def _describe_unreadable_rows(context: CommandContext, error: ValueError) -> str:
+    """Name the unreadable rows of the index, found by reading every row again.
+
+    A listing's ValueError does not say which row failed, so this scan, which runs only
+    after such a failure, names the first run and counts the others.
+    """
+    try:
+        rows = context.open_index(write=False).unreadable_rows()
+    except sqlite3.Error:
+        rows = []
+    if not rows:
+        return f"a row that cannot be read ({error})"
+    run_id, reason = rows[0]
+    if len(rows) == 1:
+        return f"a row that cannot be read: run {run_id} ({reason})"
+    return f"{len(rows)} rows that cannot be read, the first of run {run_id} ({reason})"
 
 
 def _read_each(runs: Iterator[RunRecord], context: CommandContext) -> Iterator[RunRecord]:
@@ -210,10 +245,12 @@ def _read_each(runs: Iterator[RunRecord], context: CommandContext) -> Iterator[R
 
 def list_runs(args: argparse.Namespace, context: CommandContext) -> int:
     """Print the newest runs that match the filters, as a table or as JSON."""
-    index = context.open_index()
-    # Reading one run more than the limit shows whether more runs match.
+    filters = _filters(args)
+    index = context.open_index(write=False)
+    # Reading one run more than the limit shows whether more runs match. At COUNT_MAX,
+    # SQLite's largest integer, every run fits anyway.
     with _reading_rows(context):
-        runs = index.list_runs(**_filters(args), limit=args.limit + 1)
+        runs = index.list_runs(**filters, limit=min(args.limit + 1, COUNT_MAX))
     more = len(runs) > args.limit
     runs = runs[: args.limit]
 
@@ -227,8 +264,9 @@ def list_runs(args: argparse.Namespace, context: CommandContext) -> int:
     header = ("RUN ID", "AGENT", "STATUS", "START (UTC)", "DURATION", "ITEMS OK/FAILED")
     print_table(header, [_run_row(run) for run in runs], context.out)
     if more:
+        subject = "the newest run is" if args.limit == 1 else f"the {args.limit} newest runs are"
         print(
-            f"the {args.limit} newest runs are shown; more match (raise --limit to see them)",
+            f"{subject} shown; more match (raise --limit to see them)",
             file=context.err,
         )
     return EXIT_OK
@@ -258,7 +296,7 @@ def show_run(args: argparse.Namespace, context: CommandContext) -> int:
     Raises:
         CommandError: no run has the id RUN_ID.
     """
-    index = context.open_index()
+    index = context.open_index(write=False)
     with _reading_rows(context, args.run_id):
         run = index.get_run(args.run_id)
     if run is None:
@@ -356,9 +394,12 @@ def export_runs(args: argparse.Namespace, context: CommandContext) -> int:
     output: Path | None = None if args.output == Path("-") else args.output
     if output is not None and output.is_dir():
         raise UsageError(f"--output {output} is a directory: pass a file name such as runs.csv")
+    if output is not None:
+        _reject_store_file(output, context)
+    filters = _filters(args)
 
-    index = context.open_index()
-    runs = _read_each(index.iter_runs(**_filters(args), limit=args.limit), context)
+    index = context.open_index(write=False)
+    runs = _read_each(index.iter_runs(**filters, limit=args.limit), context)
 
     def write(stream: TextIO) -> int:
         if export_format == "csv":
@@ -369,8 +410,45 @@ def export_runs(args: argparse.Namespace, context: CommandContext) -> int:
         write(context.out)
         return EXIT_OK
     count = _write_output(output, write)
-    print(f"exported {count} runs to {output} ({export_format})", file=context.err)
+    print(f"exported {plural(count, 'run')} to {output} ({export_format})", file=context.err)
     return EXIT_OK
+
+
+def _reject_store_file(output: Path, context: CommandContext) -> None:
+    """Raise UsageError when ``output`` is one of the store's own files.
+
+    Those are the files in the journal directory, the index, and the files whose names
+    start with the index's name and a dot or hyphen: SQLite's -wal, -shm and -journal,
+    the backups and the temporary files of rebuild. Writing the export there would
+    replace the journal, which is the only full record of the runs, or the index.
+    Symbolic links are followed, as the export itself follows them.
+    """
+    config = context.config
+    target = Path(os.path.realpath(output))
+    journal = Path(os.path.realpath(config.ndjson_dir))
+    if target == journal or journal in target.parents:
+        raise UsageError(
+            f"--output {output} is in the journal directory {config.ndjson_dir}, which "
+            "is for journal files only: pass a file outside it"
+        )
+    index = Path(os.path.realpath(config.db_path))
+    prefixes = (index.name + ".", index.name + "-")
+    is_index_file = target.parent == index.parent and (
+        target.name == index.name or target.name.startswith(prefixes)
+    )
+    if is_index_file or _same_file(target, index):
+        raise UsageError(
+            f"--output {output} is the index {config.db_path} or one of its own files "
+            "(-wal, -shm, backups): pass another file name"
+        )
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Return whether both paths exist and are the same file, such as two hard links."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
 
 
 def _export_format(args: argparse.Namespace) -> str:

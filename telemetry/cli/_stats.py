@@ -6,7 +6,7 @@ import argparse
 import datetime
 from typing import Any
 
-from telemetry.cli._args import parse_since
+from telemetry.cli._args import parse_since, parse_text
 from telemetry.cli._context import EXIT_OK, CommandContext
 from telemetry.cli._output import format_duration, format_time, print_json, print_table
 from telemetry.config import TelemetryConfig
@@ -62,7 +62,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         f"or a date or time such as 2026-12-01 (default: {DEFAULT_WINDOW})",
     )
     window.add_argument("--all", action="store_true", help="count every run in the index")
-    parser.add_argument("--agent", metavar="NAME", help="only this agent")
+    parser.add_argument("--agent", type=parse_text, metavar="NAME", help="only this agent")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.set_defaults(handler=show_stats)
 
@@ -72,7 +72,7 @@ def show_stats(args: argparse.Namespace, context: CommandContext) -> int:
     since: datetime.datetime | None = args.since
     if since is None and not args.all:
         since = parse_since(DEFAULT_WINDOW)
-    index = context.open_index()
+    index = context.open_index(write=False)
     stats = index.get_run_stats(None if since is None else get_iso8601_timestamp(since))
 
     by_agent: dict[str, dict[str, Any]] = stats["by_agent"]

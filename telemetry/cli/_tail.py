@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from telemetry.cli._args import parse_count
+from telemetry.cli._args import parse_count, parse_text
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError
 from telemetry.cli._output import format_duration, format_time, printable
 from telemetry.database import DatabaseWriter
@@ -23,6 +23,8 @@ from telemetry.database import DatabaseWriter
 __all__ = ["register"]
 
 DEFAULT_BACKLOG = 10
+MAX_BACKLOG = 1_000_000
+"""The largest --lines: the backlog is kept in memory until today's file has been read."""
 PAYLOAD_WIDTH = 80
 """Characters of an event's payload or a run's error summary shown on a line."""
 AGENTS_REMEMBERED = 10_000
@@ -58,6 +60,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--agent",
         action="append",
+        type=parse_text,
         metavar="NAME",
         help="only records of this agent; repeat the option for several agents",
     )
@@ -74,13 +77,13 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--lines",
-        type=functools.partial(parse_count, minimum=0),
+        type=functools.partial(parse_count, minimum=0, maximum=MAX_BACKLOG),
         default=DEFAULT_BACKLOG,
         metavar="N",
         help=(
             f"first take the last N records of today's file, then apply --agent and "
             f"--type to them, so fewer than N may be shown (default: {DEFAULT_BACKLOG}; "
-            f"0 shows only new records)"
+            f"0 shows only new records; at most {MAX_BACKLOG})"
         ),
     )
     parser.add_argument(
@@ -205,7 +208,7 @@ class _AgentNames:
     def _open_index(self) -> DatabaseWriter | None:
         if self._index is None and not self._index_unavailable:
             try:
-                self._index = self._context.open_index()
+                self._index = self._context.open_index(write=False)
             except (CommandError, sqlite3.Error):
                 self._index_unavailable = True
         return self._index
