@@ -77,6 +77,11 @@ class PostResult(NamedTuple):
     success: bool
     message: str
     """``HTTP <status>`` on success, else the cause, such as ``HTTP 422: <body excerpt>``."""
+    status: int | None = None
+    """For a failed post, the HTTP status of the last response; None when none came."""
+    unreachable: bool = False
+    """For a failed post, whether the last attempt got no response (a connection error or
+    a timeout)."""
 
 
 class _Outcome(NamedTuple):
@@ -87,6 +92,8 @@ class _Outcome(NamedTuple):
     retryable: bool = False
     retry_after: float | None = None
     """Delay in seconds that the server requested, already capped at retry_after_max."""
+    status: int | None = None
+    unreachable: bool = False
 
 
 class _Request(NamedTuple):
@@ -198,11 +205,11 @@ class APIClient:
             return prepared
 
         attempts = 0
-        last_cause = ""
+        last_outcome: _Outcome | None = None
         while True:
             timeout = self._request_timeout(deadline)
             if timeout is None:
-                return self._deadline_reached(prepared, attempts, last_cause)
+                return self._deadline_reached(prepared, attempts, last_outcome)
             try:
                 client = self._sync_client()
             except _CLIENT_SETUP_ERRORS as exc:
@@ -215,7 +222,7 @@ class APIClient:
             step = self._after_attempt(prepared, outcome, attempts, deadline)
             if isinstance(step, PostResult):
                 return step
-            last_cause = outcome.cause
+            last_outcome = outcome
             self._sleep(step)
 
     async def post_run_async(
@@ -242,11 +249,11 @@ class APIClient:
 
         async with client:
             attempts = 0
-            last_cause = ""
+            last_outcome: _Outcome | None = None
             while True:
                 timeout = self._request_timeout(deadline)
                 if timeout is None:
-                    return self._deadline_reached(prepared, attempts, last_cause)
+                    return self._deadline_reached(prepared, attempts, last_outcome)
                 if self._closed:
                     return self._skip(SKIPPED_CLOSED)
 
@@ -255,7 +262,7 @@ class APIClient:
                 step = self._after_attempt(prepared, outcome, attempts, deadline)
                 if isinstance(step, PostResult):
                     return step
-                last_cause = outcome.cause
+                last_outcome = outcome
                 await self._async_sleep(step)
 
     def test_connection(self) -> PostResult:
@@ -428,32 +435,33 @@ class APIClient:
 
     def _classify_response(self, status: int, headers: Mapping[str, str], excerpt: str) -> _Outcome:
         if 200 <= status < 300:
-            return _Outcome(True, f"HTTP {status}")
+            return _Outcome(True, f"HTTP {status}", status=status)
         cause = _status_cause(status, excerpt)
         if 300 <= status < 400:
             cause += "; redirects are not followed, so set api_url to the final URL"
         if status != 429 and status < 500:
-            return _Outcome(False, cause)
+            return _Outcome(False, cause, status=status)
 
         retry_after = None
         if status in (429, 503):
             retry_after = _parse_retry_after(headers.get("retry-after"), headers.get("date"))
             if retry_after is not None:
                 retry_after = min(retry_after, self._config.retry_after_max)
-        return _Outcome(False, cause, retryable=True, retry_after=retry_after)
+        return _Outcome(False, cause, retryable=True, retry_after=retry_after, status=status)
 
     def _classify_error(self, exc: Exception) -> _Outcome:
         import httpx
 
         name = type(exc).__name__
         if isinstance(exc, httpx.TimeoutException):
-            return _Outcome(False, f"timed out ({name})", retryable=True)
+            return _Outcome(False, f"timed out ({name})", retryable=True, unreachable=True)
         detail = self._redact(str(exc)).strip()
         cause = f"{name}: {detail}" if detail else name
         if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
             return _Outcome(False, cause)
         if isinstance(exc, httpx.TransportError):
-            return _Outcome(False, cause, retryable=True)
+            # Raised before any response: a refused connection, a DNS failure, a reset.
+            return _Outcome(False, cause, retryable=True, unreachable=True)
         return _Outcome(False, cause)
 
     def _request_timeout(self, deadline: float | None) -> float | None:
@@ -479,7 +487,7 @@ class APIClient:
                 self._display_url,
                 outcome.cause,
             )
-            return PostResult(False, outcome.cause)
+            return PostResult(False, outcome.cause, outcome.status, outcome.unreachable)
         if attempts > self._config.max_retries:
             logger.error(
                 "gave up posting run %s to %s after %s: %s",
@@ -488,15 +496,14 @@ class APIClient:
                 _plural(attempts, "attempt"),
                 outcome.cause,
             )
-            return PostResult(
-                False, f"failed after {_plural(attempts, 'attempt')}: {outcome.cause}"
-            )
+            message = f"failed after {_plural(attempts, 'attempt')}: {outcome.cause}"
+            return PostResult(False, message, outcome.status, outcome.unreachable)
 
         delay = outcome.retry_after
         if delay is None:
             delay = float(2 ** (attempts - 1))
         if deadline is not None and self._clock() + delay >= deadline:
-            return self._deadline_reached(request, attempts, outcome.cause)
+            return self._deadline_reached(request, attempts, outcome)
 
         logger.warning(
             "POST of run %s failed (attempt %d of %d): %s; retrying in %g s",
@@ -517,12 +524,16 @@ class APIClient:
         logger.error("not posting run %s: %s", run_id, cause)
         return PostResult(False, cause)
 
-    def _deadline_reached(self, request: _Request, attempts: int, last_cause: str) -> PostResult:
+    def _deadline_reached(
+        self, request: _Request, attempts: int, last: _Outcome | None
+    ) -> PostResult:
         message = f"deadline reached after {_plural(attempts, 'attempt')}; left pending"
-        if last_cause:
-            message += f" (last error: {last_cause})"
+        if last is None:
+            logger.warning("stopped posting run %s: %s", request.run_id, message)
+            return PostResult(False, message)
+        message += f" (last error: {last.cause})"
         logger.warning("stopped posting run %s: %s", request.run_id, message)
-        return PostResult(False, message)
+        return PostResult(False, message, last.status, last.unreachable)
 
     # Skipped posts
 

@@ -64,6 +64,10 @@ AUTO_RETRY_RUNS_PER_END = 3
 # How many ids of runs ended by this client are kept to recognise a second end_run.
 ENDED_RUNS_REMEMBERED = 10_000
 
+# flush_pending stops after this many posts in a row that could not reach the API, because
+# each later post would spend its own retries and timeouts on the same fault.
+FLUSH_UNREACHABLE_LIMIT = 3
+
 
 class FlushResult(NamedTuple):
     """Outcome of flush_pending, in numbers of runs."""
@@ -71,7 +75,12 @@ class FlushResult(NamedTuple):
     posted: int
     failed: int
     remaining: int = 0
-    """Pending runs not tried because the timeout passed first."""
+    """Pending runs not tried, because the timeout passed or the flush stopped early."""
+    stopped_reason: str | None = None
+    """The reason the flush stopped before the last pending run, or None if it did not.
+
+    Such as ``the API rejected the credentials (HTTP 401)``. A timeout sets no reason.
+    """
 
 
 @dataclass
@@ -315,9 +324,12 @@ class TelemetryClient:
         """Post every pending run now, ignoring the backoff of the automatic retries.
 
         Each post gets the full retries of the API client. Returns when each pending run
-        was posted or failed, or when ``timeout`` has passed. The runs not tried by then
-        stay pending and are counted in ``FlushResult.remaining``. Nothing is posted when
-        the API is off or not configured.
+        was posted or failed, or when ``timeout`` has passed. Stops early, with the reason
+        in ``FlushResult.stopped_reason`` and a WARNING logged, when the API responds to a post
+        with HTTP 401 or 403, or when FLUSH_UNREACHABLE_LIMIT posts in a row could not
+        reach it (a refused connection, a DNS failure, a timeout). Any HTTP response resets
+        that count. The runs not tried stay pending and are counted in
+        ``FlushResult.remaining``. Nothing is posted when the API is off or not configured.
 
         Args:
             limit: post at most this many runs, oldest first; None for all.
@@ -347,23 +359,36 @@ class TelemetryClient:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         posted = failed = 0
+        stopped_reason = None
+        early_stop = _EarlyStop()
         for done, record in enumerate(pending, start=1):
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            if self._post_and_mark(index, record, deadline=deadline):
+            result = self._post_and_mark(index, record, deadline=deadline)
+            if result.success:
                 posted += 1
             else:
                 failed += 1
             if progress is not None:
                 progress(done, len(pending))
+            stopped_reason = early_stop.reason_after(result)
+            if stopped_reason is not None:
+                break
+
         remaining = len(pending) - posted - failed
-        logger.info(
-            "flush_pending: %d posted, %d failed, %d not tried before the timeout",
-            posted,
-            failed,
-            remaining,
-        )
-        return FlushResult(posted, failed, remaining)
+        if remaining == 0:
+            stopped_reason = None  # the stop came after the last run, so it skipped nothing
+        if stopped_reason is not None:
+            logger.warning(
+                "flush_pending stopped after %d of %d runs, because %s. The rest stay "
+                "pending: %s, then flush again",
+                posted + failed,
+                len(pending),
+                stopped_reason,
+                early_stop.fix,
+            )
+        logger.info("flush_pending: %d posted, %d failed, %d not tried", posted, failed, remaining)
+        return FlushResult(posted, failed, remaining, stopped_reason)
 
     def close(self) -> None:
         """End the runs still open as abandoned, flush the journal, and close everything.
@@ -599,7 +624,7 @@ class TelemetryClient:
             return
         index = self._open_index()
         deadline = time.monotonic() + self._config.end_run_timeout
-        if not self._post_and_mark(index, record, deadline):
+        if not self._post_and_mark(index, record, deadline).success:
             return
         if index is not None:
             self._retry_due_posts(index, deadline)
@@ -612,17 +637,24 @@ class TelemetryClient:
         for record in due[:AUTO_RETRY_RUNS_PER_END]:
             if time.monotonic() >= deadline:
                 return
-            if not self._post_and_mark(index, record, deadline):
+            if not self._post_and_mark(index, record, deadline).success:
                 return
 
     def _post_and_mark(
         self, index: DatabaseWriter | None, record: RunRecord, deadline: float | None
-    ) -> bool:
+    ) -> PostResult:
+        """Post ``record``, store the outcome on it and in the index, and return the outcome.
+
+        A post that raised is logged and returns a failed PostResult.
+        """
         payload = APIPayload.from_run_record(record)
         result = self._guard(
             "post", record.run_id, self._api.post_run_sync, payload, deadline=deadline
         )
-        return self._store_post_result(index, record, result)
+        self._store_post_result(index, record, result)
+        if result is None:
+            return PostResult(False, "the post raised; see the log")
+        return result
 
     async def _end_run_async(
         self, run_id: str, status: str, fields: dict[str, Any]
@@ -875,6 +907,39 @@ def _config_from_environment() -> TelemetryConfig:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# A failed post's PostResult.message is its cause, as APIClient words it, or a retried
+# post's last cause inside one of these two sentences.
+class _EarlyStop:
+    """Decide after each post of flush_pending whether the later posts would fail alike."""
+
+    def __init__(self) -> None:
+        self.unreachable_in_a_row = 0
+        self.fix = ""
+        """What the user can check, once reason_after has returned a reason."""
+
+    def reason_after(self, result: PostResult) -> str | None:
+        """Return why flush_pending should stop after ``result``, or None to go on.
+
+        Failures that are neither an HTTP response nor unreachable, such as a payload that
+        cannot be encoded, leave the count of unreachable posts as it is.
+        """
+        if result.success:
+            self.unreachable_in_a_row = 0
+            return None
+        if result.status in (401, 403):
+            self.fix = "check api_token (TELEMETRY_API_TOKEN)"
+            return f"the API rejected the credentials (HTTP {result.status})"
+        if result.status is not None:
+            self.unreachable_in_a_row = 0
+        elif result.unreachable:
+            self.unreachable_in_a_row += 1
+            if self.unreachable_in_a_row >= FLUSH_UNREACHABLE_LIMIT:
+                count = self.unreachable_in_a_row
+                self.fix = "check api_url (TELEMETRY_API_URL) and that the API is up"
+                return f"{count} posts in a row could not reach the API ({result.message})"
+        return None
 
 
 def _later_end(record: RunRecord, other: RunRecord) -> str | None:

@@ -224,7 +224,7 @@ def test_post_gives_up_after_max_retries(
 
     result = post(client, mode)
 
-    assert result == PostResult(False, "failed after 4 attempts: HTTP 500")
+    assert result == PostResult(False, "failed after 4 attempts: HTTP 500", 500)
     assert sleeps.delays == [1, 2, 4]
     assert len(api_server.requests) == 4
     assert len(api_records(caplog, logging.WARNING)) == 3
@@ -257,7 +257,7 @@ def test_post_no_retries(api_server: ScriptedServer, make_client: ClientFactory)
 
     result = post(client, "sync")
 
-    assert result == PostResult(False, "failed after 1 attempt: HTTP 500")
+    assert result == PostResult(False, "failed after 1 attempt: HTTP 500", 500)
     assert sleeps.delays == []
     assert len(api_server.requests) == 1
 
@@ -330,7 +330,7 @@ def test_post_4xx_not_retried(
 
     result = post(client, mode)
 
-    assert result == PostResult(False, f'HTTP {status}: {{"error": "invalid field"}}')
+    assert result == PostResult(False, f'HTTP {status}: {{"error": "invalid field"}}', status)
     assert len(api_server.requests) == 1
     assert sleeps.delays == []
     assert len(api_records(caplog, logging.ERROR)) == 1
@@ -398,7 +398,7 @@ def test_post_redirect_not_followed(api_server: ScriptedServer, make_client: Cli
     result = post(client, "sync")
 
     assert result == PostResult(
-        False, "HTTP 307; redirects are not followed, so set api_url to the final URL"
+        False, "HTTP 307; redirects are not followed, so set api_url to the final URL", 307
     )
     assert len(api_server.requests) == 1
 
@@ -468,6 +468,7 @@ def test_post_hanging_server_deadline(
     assert result == PostResult(
         False,
         "deadline reached after 1 attempt; left pending (last error: timed out (ReadTimeout))",
+        unreachable=True,
     )
     assert len(api_server.requests) == 1
     assert sleeps.delays == []
@@ -485,7 +486,7 @@ def test_post_deadline_stops_retries(
     result = post(client, mode, deadline=clock() + 2.5)
 
     assert result == PostResult(
-        False, "deadline reached after 2 attempts; left pending (last error: HTTP 500)"
+        False, "deadline reached after 2 attempts; left pending (last error: HTTP 500)", 500
     )
     assert sleeps.delays == [1]
     assert len(api_server.requests) == 2
@@ -565,7 +566,7 @@ def test_post_skipped_without_httpx(api_server: ScriptedServer) -> None:
     assert completed.returncode == 0, completed.stderr
     output = json.loads(completed.stdout)
     assert output["enabled"] is False
-    assert output["results"] == [[False, "skipped: httpx is not installed"]] * 2
+    assert output["results"] == [[False, "skipped: httpx is not installed", None, False]] * 2
     assert completed.stderr.count("telemetry.api WARNING httpx is not installed") == 1
     assert api_server.requests == []
 

@@ -100,7 +100,13 @@ def test_flush_json_and_limit(tmp_path: Path, api_server: ScriptedServer) -> Non
     summary = run_json("flush", "--limit", "2", data_dir=tmp_path, env=api_env(api_server))
     posted_ids = [request.json()["run_id"] for request in api_server.requests]
 
-    assert summary == {"posted": 2, "failed": 0, "not_tried": 0, "still_pending": 1}
+    assert summary == {
+        "posted": 2,
+        "failed": 0,
+        "not_tried": 0,
+        "still_pending": 1,
+        "stopped_reason": None,
+    }
     assert posted_ids == run_ids[:2]
 
 
@@ -139,7 +145,13 @@ def test_flush_timeout_leaves_runs(tmp_path: Path, api_server: ScriptedServer) -
     summary = orjson.loads(result.stdout)
 
     assert result.returncode == 1
-    assert summary == {"posted": 0, "failed": 1, "not_tried": 1, "still_pending": 2}
+    assert summary == {
+        "posted": 0,
+        "failed": 1,
+        "not_tried": 1,
+        "still_pending": 2,
+        "stopped_reason": None,
+    }
     assert_no_traceback(result)
 
 
@@ -152,6 +164,68 @@ def test_flush_without_api_url(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "TELEMETRY_API_URL is not set" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_flush_invalid_api_url(tmp_path: Path) -> None:
+    """An invalid TELEMETRY_API_URL is called invalid, not unset, with its password masked."""
+    record_runs(tmp_path, 1)
+    env = {"TELEMETRY_API_URL": "ftp://user:hunter2@127.0.0.1/runs"}
+
+    result = run_cli("flush", data_dir=tmp_path, env=env)
+    error_line = result.stderr.splitlines()[-1]
+
+    assert result.returncode == 1
+    assert "TELEMETRY_API_URL is invalid" in error_line
+    assert "expected an http:// or https:// URL" in error_line
+    assert "not set" not in result.stderr
+    assert "hunter2" not in result.stderr
+    assert_no_traceback(result)
+
+
+def test_flush_stops_when_token_rejected(tmp_path: Path, api_server: ScriptedServer) -> None:
+    """After a 401, flush posts no further run, prints why, and exits 1."""
+    record_runs(tmp_path, 5)
+    api_server.respond(401, body=f'{{"error": "token {TOKEN} expired"}}'.encode(), times=5)
+    env = api_env(api_server, TELEMETRY_MAX_RETRIES="0")
+
+    result = run_cli("flush", data_dir=tmp_path, env=env)
+
+    assert result.returncode == 1
+    assert len(api_server.requests) == 1
+    assert result.stdout.strip() == (
+        "posted 0, failed 1, still pending 5; stopped after 1 of 5 runs, because the API "
+        "rejected the credentials (HTTP 401)"
+    )
+    assert "check api_token" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+    assert_no_traceback(result)
+
+
+def test_flush_json_stopped_reason(
+    tmp_path: Path, free_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--json gives the reason when 3 posts in a row find nothing listening, and exits 1."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    record_runs(tmp_path, 5)
+    env = {
+        "TELEMETRY_API_URL": f"http://127.0.0.1:{free_port}/runs",
+        "TELEMETRY_MAX_RETRIES": "0",
+        "TELEMETRY_TIMEOUT": "0.5",
+    }
+
+    result = run_cli("flush", "--json", data_dir=tmp_path, env=env)
+    summary = orjson.loads(result.stdout)
+
+    assert result.returncode == 1
+    assert summary["posted"] == 0
+    assert summary["failed"] == 3
+    assert summary["not_tried"] == 2
+    assert summary["still_pending"] == 5
+    assert summary["stopped_reason"].startswith("3 posts in a row could not reach the API (")
+    assert "ConnectError" in summary["stopped_reason"]
+    assert_no_traceback(result)
 
 
 def test_flush_nothing_pending(tmp_path: Path, api_server: ScriptedServer) -> None:
@@ -206,7 +280,13 @@ def test_flush_runs_posted_meanwhile(
 
     assert other_flush[0].returncode == 0, other_flush[0].stderr
     assert code == 0
-    assert summary == {"posted": 0, "failed": 0, "not_tried": 0, "still_pending": 0}
+    assert summary == {
+        "posted": 0,
+        "failed": 0,
+        "not_tried": 0,
+        "still_pending": 0,
+        "stopped_reason": None,
+    }
     assert len(api_server.requests) == 2
 
 
@@ -310,7 +390,13 @@ def test_flush_largest_limit(tmp_path: Path, api_server: ScriptedServer) -> None
     summary = run_json("flush", "--limit", "9223372036854775807", data_dir=tmp_path,
                        env=api_env(api_server))  # fmt: skip
 
-    assert summary == {"posted": 2, "failed": 0, "not_tried": 0, "still_pending": 0}
+    assert summary == {
+        "posted": 2,
+        "failed": 0,
+        "not_tried": 0,
+        "still_pending": 0,
+        "stopped_reason": None,
+    }
 
 
 # -- check ------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ from typing import Any
 import orjson
 import pytest
 
-from telemetry import TelemetryClient, TelemetryConfig, current_run
+from telemetry import FlushResult, TelemetryClient, TelemetryConfig, current_run
+from telemetry.api import PostResult
+from telemetry.client import _EarlyStop
 from telemetry.database import DatabaseWriter
 from telemetry.ndjson import NDJSONWriter
 
@@ -350,7 +352,7 @@ def test_flush_pending_without_api(tmp_path: Path) -> None:
         client.end_run(client.start_run("a", "b"))
         result = client.flush_pending()
 
-    assert result == (0, 0, 0)
+    assert result == (0, 0, 0, None)
 
 
 def test_token_never_stored_or_logged(
@@ -510,6 +512,129 @@ def test_flush_pending_timeout(tmp_path: Path, api_server: Any) -> None:
 
     assert result.posted + result.failed + result.remaining == 3
     assert result.remaining >= 1
+
+
+def pend_runs(client: TelemetryClient, count: int) -> None:
+    """End ``count`` runs that stay pending, because the client's end_run does not post."""
+    assert client.config.end_run_timeout == 0
+    for _ in range(count):
+        client.end_run(client.start_run("a", "b"))
+
+
+# Short timeouts and no retries, so that each failed post ends at once.
+FAST_FAILURE = {"max_retries": 0, "timeout": 0.5, "end_run_timeout": 0}
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_flush_pending_stops_when_rejected(
+    tmp_path: Path, api_server: Any, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    """A 401 or 403 ends the flush after one post, with the reason logged as a warning."""
+    api_server.respond(status, body=f'{{"error": "token {TOKEN} expired"}}'.encode(), times=5)
+    settings = {"api_url": api_server.url, "api_token": TOKEN, **FAST_FAILURE}
+    with make_client(tmp_path, **settings) as client:
+        pend_runs(client, 5)
+        progress: list[tuple[int, int]] = []
+        result = client.flush_pending(progress=lambda done, total: progress.append((done, total)))
+        stats = client.get_stats()
+
+    reason = f"the API rejected the credentials (HTTP {status})"
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(api_server.requests) == 1
+    assert result == FlushResult(posted=0, failed=1, remaining=4, stopped_reason=reason)
+    assert progress == [(1, 5)]
+    assert stats["pending_api_posts"] == 5
+    assert any(reason in record.getMessage() for record in warnings)
+    assert TOKEN not in caplog.text
+
+
+def test_flush_pending_stops_when_unreachable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, free_port: int
+) -> None:
+    """With nothing listening on the port, the flush stops after 3 refused posts."""
+    settings = {"api_url": f"http://127.0.0.1:{free_port}/runs", **FAST_FAILURE}
+    with make_client(tmp_path, **settings) as client:
+        pend_runs(client, 5)
+        result = client.flush_pending()
+        stats = client.get_stats()
+
+    assert result.posted == 0
+    assert result.failed == 3
+    assert result.remaining == 2
+    assert result.stopped_reason is not None
+    assert result.stopped_reason.startswith("3 posts in a row could not reach the API (")
+    assert "ConnectError" in result.stopped_reason
+    assert stats["pending_api_posts"] == 5
+    assert "flush_pending stopped after 3 of 5 runs" in caplog.text
+
+
+def test_flush_pending_server_error_continues(tmp_path: Path, api_server: Any) -> None:
+    """A 500 is an answer of the server, so every pending run is still tried."""
+    api_server.respond(500, times=5)
+    with make_client(tmp_path, api_url=api_server.url, **FAST_FAILURE) as client:
+        pend_runs(client, 5)
+        result = client.flush_pending()
+
+    assert len(api_server.requests) == 5
+    assert result == (0, 5, 0, None)
+
+
+def test_flush_pending_response_resets_count(tmp_path: Path, api_server: Any) -> None:
+    """Timeouts count as unreachable only in a row: a response between them resets the count."""
+    api_server.hang(times=2)
+    api_server.respond(500)
+    api_server.hang(times=2)
+    settings = {"api_url": api_server.url, **FAST_FAILURE, "timeout": 0.2}
+    with make_client(tmp_path, **settings) as client:
+        pend_runs(client, 5)
+        result = client.flush_pending()
+
+    assert len(api_server.requests) == 5
+    assert result == (0, 5, 0, None)
+
+
+def test_flush_pending_stop_at_last_run(tmp_path: Path, api_server: Any) -> None:
+    """A 401 for the last pending run leaves nothing untried, so there is no stop reason."""
+    api_server.respond(401)
+    with make_client(tmp_path, api_url=api_server.url, **FAST_FAILURE) as client:
+        pend_runs(client, 1)
+        result = client.flush_pending()
+
+    assert result == (0, 1, 0, None)
+
+
+@pytest.mark.parametrize(
+    ("result", "reason"),
+    [
+        (PostResult(False, "HTTP 401", 401), "the API rejected the credentials (HTTP 401)"),
+        (PostResult(False, "HTTP 403: no", 403), "the API rejected the credentials (HTTP 403)"),
+        (
+            PostResult(False, "failed after 1 attempt: ConnectError: refused", None, True),
+            "could not reach the API (failed after 1 attempt: ConnectError: refused)",
+        ),
+        (PostResult(False, "failed after 4 attempts: HTTP 503", 503), None),
+        (PostResult(False, "the payload cannot be encoded as JSON: bad"), None),
+    ],
+)
+def test_flush_stop_rule(result: PostResult, reason: str | None) -> None:
+    """The stop rule reads the status and reachability of each failed post."""
+    early_stop = _EarlyStop()
+    early_stop.unreachable_in_a_row = 2
+    stopped_reason = early_stop.reason_after(result)
+
+    if reason is None:
+        assert stopped_reason is None
+    else:
+        assert stopped_reason is not None
+        assert stopped_reason.endswith(reason)
+
+
+def test_flush_result_positional() -> None:
+    """FlushResult built with three fields, as before stopped_reason, has no stop reason."""
+    result = FlushResult(1, 2, 3)
+
+    assert result.stopped_reason is None
+    assert result == (1, 2, 3, None)
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,10 @@ examples:
 
 Posts each pending run (an ended run that the API has not accepted yet), oldest first,
 with the retries of the library's API client. No post starts after --timeout; the runs
-not tried by then stay pending. Posting works even when TELEMETRY_ENABLED is false,
-which only stops agents from recording. Exit code 1 when a post failed or the timeout
-left runs untried.
+not tried by then stay pending. Flush stops early when the API rejects the token (HTTP
+401 or 403), or when 3 posts in a row cannot reach it (connection refused, DNS failure,
+timeout). Posting works even when TELEMETRY_ENABLED is false, which only stops agents
+from recording. Exit code 1 when a post failed, or runs were left untried.
 """
 
 
@@ -60,13 +61,15 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def flush(args: argparse.Namespace, context: CommandContext) -> int:
-    """Post the pending runs and print the summary. Exit code 1: a post failed or was not tried."""
+    """Post the pending runs and print the summary. Exit code 1: a post failed or was not tried.
+
+    Raises:
+        CommandError: TELEMETRY_API_URL is not set or invalid, posting is switched off,
+            or the client posted nothing while runs stay pending.
+    """
     config = context.config
     if config.api_url is None:
-        raise CommandError(
-            "TELEMETRY_API_URL is not set, so there is no API to post to: set it to the "
-            "URL that runs are posted to, such as https://telemetry.example.com/runs"
-        )
+        raise CommandError(_missing_url_message(context))
     if not config.api_enabled:
         raise CommandError(
             "TELEMETRY_API_ENABLED is false, so posting is switched off: set it to true "
@@ -77,6 +80,7 @@ def flush(args: argparse.Namespace, context: CommandContext) -> int:
     pending = index.count_pending_api_posts()
     to_post = pending if args.limit is None else min(pending, args.limit)
     posted = failed = not_tried = 0
+    stopped_reason = None
     if to_post:
         with context.progress("posting", to_post) as progress:
             result = context.client().flush_pending(
@@ -85,6 +89,7 @@ def flush(args: argparse.Namespace, context: CommandContext) -> int:
                 timeout=args.timeout.total_seconds(),
             )
         posted, failed, not_tried = result.posted, result.failed, result.remaining
+        stopped_reason = result.stopped_reason
     still_pending = index.count_pending_api_posts()
     if to_post and posted + failed + not_tried == 0 and still_pending:
         # The client found nothing to post, yet runs are still pending, so it did not
@@ -97,29 +102,48 @@ def flush(args: argparse.Namespace, context: CommandContext) -> int:
             f"{'waits' if still_pending == 1 else 'wait'} for the API: see the message above"
         )
 
-    summary = {
+    summary: dict[str, Any] = {
         "posted": posted,
         "failed": failed,
         "not_tried": not_tried,
         "still_pending": still_pending,
+        "stopped_reason": stopped_reason,
     }
     if args.json:
         print_json(summary, context.out)
     else:
         _print_summary(summary, args.timeout, context)
-    return EXIT_PROBLEM if failed or not_tried else EXIT_OK
+    return EXIT_PROBLEM if failed or not_tried or stopped_reason else EXIT_OK
 
 
 def _print_summary(
-    summary: dict[str, int], timeout: datetime.timedelta, context: CommandContext
+    summary: dict[str, Any], timeout: datetime.timedelta, context: CommandContext
 ) -> None:
     line = (
         f"posted {summary['posted']}, failed {summary['failed']}, "
         f"still pending {summary['still_pending']}"
     )
-    if summary["not_tried"]:
+    tried = summary["posted"] + summary["failed"]
+    if summary["stopped_reason"] is not None:
+        line += (
+            f"; stopped after {tried} of {tried + summary['not_tried']} runs, "
+            f"because {summary['stopped_reason']}"
+        )
+    elif summary["not_tried"]:
         line += f" ({summary['not_tried']} not tried before the {_seconds(timeout)} timeout)"
     print(line, file=context.out)
+
+
+def _missing_url_message(context: CommandContext) -> str:
+    """Return why there is no API URL: the variable is invalid, or it is not set."""
+    for error in context.ignored_settings:
+        if error.key == "TELEMETRY_API_URL":
+            # The error shows the URL with its credentials masked, as config.mask_url does.
+            return f"TELEMETRY_API_URL is invalid, so there is no API to post to ({error})"
+    return (
+        "TELEMETRY_API_URL is not set, so there is no API to post to: set it to the "
+        "URL that runs are posted to, such as https://telemetry.example.com/runs"
+    )
 
 
 def _seconds(duration: datetime.timedelta) -> str:
