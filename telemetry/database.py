@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.request
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -239,24 +239,26 @@ def _check_run_id(run_id: object) -> str:
     return run_id
 
 
-def _row_problem(row: sqlite3.Row) -> tuple[str, str] | None:
-    """Return (run_id, error) if RunRecord cannot read ``row``, read with bytes for text."""
-    raw_id = row["run_id"]
+def _row_problem(values: Sequence[Any]) -> tuple[str, str] | None:
+    """Return (run_id, error) if RunRecord cannot read a row, given with bytes for text.
+
+    ``values`` are the row's columns in the order of _COLUMNS, run_id first.
+    """
+    raw_id = values[0]
     if isinstance(raw_id, bytes):
         run_id = raw_id.decode("utf-8", errors="backslashreplace")
     else:
         run_id = str(raw_id)
-    values: dict[str, Any] = {}
-    for name in row.keys():  # noqa: SIM118 - sqlite3.Row is not iterable by key
-        value = row[name]
+    decoded: dict[str, Any] = {}
+    for name, value in zip(_COLUMNS, values, strict=True):
         if isinstance(value, bytes):
             try:
                 value = value.decode("utf-8")
             except UnicodeDecodeError as exc:
                 return run_id, f"{name} is not valid UTF-8 text: {exc}"
-        values[name] = value
+        decoded[name] = value
     try:
-        RunRecord.from_dict(values)
+        RunRecord.from_dict(decoded)
     except (ValueError, TypeError) as exc:
         return run_id, str(exc)
     return None
@@ -848,7 +850,11 @@ class DatabaseWriter:
             # UTF-8 be reported instead of ending the scan.
             connection.text_factory = bytes
             try:
-                for row in connection.execute(sql):
+                # Plain tuples: building a sqlite3.Row and reading it by name costs more
+                # than the check itself.
+                cursor = connection.cursor()
+                cursor.row_factory = None
+                for row in cursor.execute(sql):
                     problem = _row_problem(row)
                     if problem is not None:
                         unreadable.append(problem)
