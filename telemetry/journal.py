@@ -301,9 +301,10 @@ class JournalReader:
         WARNING. Corrupt lines are skipped with a WARNING (the first five per file, then
         every 100th).
 
-        After a roll-over the previous file is still read during a grace period, because a
-        record dated before midnight can be appended after the next day's file appeared.
-        The grace period is ROLL_OVER_GRACE_POLLS sleeps, or as many sleeps of
+        After a roll-over the previous file is still read as long as ``today()`` is its
+        date, because a writer whose clock is ahead can start the next day's file early,
+        and then during a grace period, because a record dated before midnight can be
+        appended after the next day's file appeared. The grace period is ROLL_OVER_GRACE_POLLS sleeps, or as many sleeps of
         ``poll_interval`` as make ROLL_OVER_GRACE_SECONDS, whichever is more. It is counted
         in calls to ``sleep``, so an injected sleep controls it. An unfinished last line
         still in that file when the grace period ends is dropped with a WARNING.
@@ -412,7 +413,10 @@ class JournalReader:
                         yield from late
                         continue
                 sleep(poll_interval)
-                if previous is not None:
+                # A later file can appear before midnight, when a writer's clock is ahead
+                # of ours: the previous file stays followed until its day is over, and
+                # only then does its grace period count down.
+                if previous is not None and previous.date < normalise_date(today()):
                     grace_sleeps_left -= 1
                     if grace_sleeps_left <= 0:
                         # The lines appended during the last sleep still count.

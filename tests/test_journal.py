@@ -886,9 +886,15 @@ def test_follow_grace_period_ends(
     writer: NDJSONWriter, reader: JournalReader, poll_interval: float, grace_sleeps: int
 ) -> None:
     """The previous file is read up to the last sleep of its grace period, and not after."""
+    today = [DAY1]
+
+    def midnight() -> None:
+        today[0] = DAY2
+        writer.append("event", event("run-1", at(DAY2), 1))
+
     writer.append("event", event("run-1", at(DAY1), 0))
     script = Script(
-        lambda: writer.append("event", event("run-1", at(DAY2), 1)),
+        midnight,
         # The roll-over happens after the first sleep, so the grace period starts here.
         *[noop] * (grace_sleeps - 1),
         lambda: writer.append("event", event("run-1", at(DAY1), 2)),
@@ -896,9 +902,22 @@ def test_follow_grace_period_ends(
         lambda: writer.append("event", event("run-1", at(DAY2), 4)),
     )
 
-    records = follow_all(reader, script, poll_interval=poll_interval)
+    records = follow_all(reader, script, poll_interval=poll_interval, today=lambda: today[0])
 
     assert seqs(records) == [0, 1, 2, 4]
+
+
+def test_follow_keeps_today_until_midnight(writer: NDJSONWriter, reader: JournalReader) -> None:
+    """A file dated tomorrow that appears early does not hide today's later records."""
+    writer.append("event", event("run-1", at(DAY1), 0))
+    script = Script(
+        lambda: writer.append("event", event("run-1", at(DAY2), 1)),
+        *[lambda seq=seq: writer.append("event", event("run-1", at(DAY1), seq)) for seq in (2, 3)],
+        *[noop] * 20,
+        lambda: writer.append("event", event("run-1", at(DAY1), 4)),
+    )
+
+    assert seqs(follow_all(reader, script)) == [0, 1, 2, 3, 4]
 
 
 def test_follow_line_finished_after_roll_over(
@@ -928,14 +947,20 @@ def test_follow_unfinished_line_after_grace(
 ) -> None:
     """A last line still unfinished when the grace period ends is dropped with a WARNING."""
     path = file_of(journal_dir, DAY1)
+    today = [DAY1]
+
+    def midnight() -> None:
+        today[0] = DAY2
+        writer.append("event", event("run-1", at(DAY2), 2))
+
     writer.append("event", event("run-1", at(DAY1), 0))
     script = Script(
         lambda: append_bytes(path, b'{"record_type": "ev'),
-        lambda: writer.append("event", event("run-1", at(DAY2), 2)),
+        midnight,
         *[noop] * 8,
     )
 
-    assert seqs(follow_all(reader, script)) == [0, 2]
+    assert seqs(follow_all(reader, script, today=lambda: today[0])) == [0, 2]
     assert len(warnings_of(journal_logs)) == 1
     assert "dropped the unfinished last line" in warnings_of(journal_logs)[0]
 
