@@ -368,6 +368,29 @@ def test_show_run_across_midnight(tmp_path: Path) -> None:
     assert "corrupt" not in result.stderr
 
 
+def test_show_escapes_control_characters(tmp_path: Path) -> None:
+    """Terminal escape sequences in a run's fields and events are shown escaped."""
+    start = "2026-01-01T10:00:00.000000+00:00"
+    summary = "bad\x1b]0;title\x07\x1b[2J\rfake line"
+    run = loaded_run("esc-1", "esc", start, status="failed", error_summary=summary)
+    load(tmp_path, [run])
+    journal = NDJSONWriter(tmp_path / "journal", durability="none")
+    try:
+        journal.append("run_start", run.to_dict())
+        event = {"run_id": "esc-1", "event_type": "step\x1b[2J", "timestamp": start}
+        journal.append("event", {**event, "payload": {}})
+    finally:
+        journal.close()
+
+    result = run_cli("show", "esc-1", data_dir=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    assert "\r" not in result.stdout
+    assert "\\x1b[2J\\rfake line" in result.stdout
+    assert "step\\x1b[2J" in result.stdout
+
+
 # -- stats ----------------------------------------------------------------------------------
 
 

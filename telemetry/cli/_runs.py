@@ -18,7 +18,14 @@ import orjson
 
 from telemetry.cli._args import COUNT_MAX, parse_count, parse_since, parse_text
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError, UsageError
-from telemetry.cli._output import format_duration, format_time, plural, print_json, print_table
+from telemetry.cli._output import (
+    format_duration,
+    format_time,
+    plural,
+    print_json,
+    print_table,
+    printable,
+)
 from telemetry.models import STATUSES, RunRecord, get_iso8601_timestamp
 
 __all__ = ["register"]
@@ -335,7 +342,7 @@ def _print_fields(run: RunRecord, out: TextIO) -> None:
     for name, value in with_value.items():
         if name in _BLOCK_FIELDS:
             continue
-        print(f"{name.ljust(width)}  {_format_field(name, value)}", file=out)
+        print(f"{name.ljust(width)}  {printable(_format_field(name, value))}", file=out)
     for name in _BLOCK_FIELDS:
         if name not in with_value:
             continue
@@ -343,7 +350,7 @@ def _print_fields(run: RunRecord, out: TextIO) -> None:
         text = value if isinstance(value, str) else _pretty_json(value)
         print(f"{name}:", file=out)
         for line in text.splitlines():
-            print(f"  {line}", file=out)
+            print(f"  {printable(line)}", file=out)
 
 
 def _format_field(name: str, value: Any) -> str:
@@ -367,7 +374,7 @@ def _format_precise_time(timestamp: str) -> str:
 def _format_event(event: dict[str, Any]) -> str:
     timestamp = event.get("timestamp")
     when = _format_precise_time(timestamp) if isinstance(timestamp, str) else "-"
-    line = f"{when}  {event.get('event_type', '?')}"
+    line = f"{when}  {printable(str(event.get('event_type', '?')))}"
     payload = event.get("payload")
     if payload:
         line += "  " + orjson.dumps(payload).decode("utf-8")
