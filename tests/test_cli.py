@@ -963,6 +963,20 @@ def test_read_commands_other_user(shared_store: Path, command: list[str]) -> Non
 
 
 @needs_root
+@pytest.mark.parametrize("command", [["check"], ["prune", "--older-than", "30d", "--dry-run"]])
+def test_check_and_dry_run_other_user(shared_store: Path, command: list[str]) -> None:
+    """check and a dry-run prune only read, so another user can run them on the store."""
+    give_to_owner(shared_store, directory_mode=0o755, file_mode=0o644)
+    before = owners(shared_store)
+
+    code, out, err = run_cli_as(OTHER, *command, "--data-dir", shared_store)
+
+    assert code == 0, err
+    assert "permission" not in err
+    assert owners(shared_store) == before
+
+
+@needs_root
 def test_read_keeps_owner_writing(shared_store: Path) -> None:
     """After another user read a store in a world-writable directory, its owner still writes."""
     give_to_owner(shared_store, directory_mode=0o777, file_mode=0o644)

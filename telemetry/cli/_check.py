@@ -164,7 +164,8 @@ def check(args: argparse.Namespace, context: CommandContext) -> int:
     """
     _require_store(context)
     findings = _Findings(strict=args.strict)
-    index = _open_index(context, findings)
+    # Only --repair writes, so a plain check also works on a store it may only read.
+    index = _open_index(context, findings, write=args.repair)
     if index is not None:
         index_ok, findings.index_messages = index.check_integrity()
         if not index_ok:
@@ -207,12 +208,14 @@ def _require_store(context: CommandContext) -> None:
     )
 
 
-def _open_index(context: CommandContext, findings: _Findings) -> DatabaseWriter | None:
+def _open_index(
+    context: CommandContext, findings: _Findings, *, write: bool
+) -> DatabaseWriter | None:
     # An index that cannot be opened is a finding of the check, not a reason to stop:
     # the journal can still be checked. A locked index is not a finding, because it is
     # in use, so its error goes to main().
     try:
-        return context.open_index()
+        return context.open_index(write=write)
     except IndexUnusableError as exc:
         findings.index_state = exc.state
         findings.index_messages = [str(exc)]

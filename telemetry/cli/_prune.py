@@ -66,7 +66,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def prune_command(args: argparse.Namespace, context: CommandContext) -> int:
     """Plan the deletion, then print the plan (--dry-run) or carry it out."""
-    index = context.open_index()
+    # A dry run only reads, so it also works on a store it may only read.
+    index = context.open_index(write=not args.dry_run)
     now = datetime.datetime.now(datetime.timezone.utc)
     try:
         plan = plan_prune(index, context.journal(), args.older_than, now=now)
@@ -109,7 +110,8 @@ def _running_runs(plan: PrunePlan, context: CommandContext) -> int:
         return 0
     cutoff = get_iso8601_timestamp(plan.cutoff)
     # Few runs are running at any time, so streaming them is cheap.
-    return sum(1 for _ in context.open_index().iter_runs(status="running", until=cutoff))
+    index = context.open_index(write=False)
+    return sum(1 for _ in index.iter_runs(status="running", until=cutoff))
 
 
 def _print_report(
