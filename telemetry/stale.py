@@ -32,6 +32,7 @@ __all__ = [
     "StaleRun",
     "abandon_runs",
     "find_stale_runs",
+    "format_span",
     "process_is_gone",
 ]
 
@@ -217,13 +218,13 @@ def _stale_reason(
         running_for = now - started
         if running_for > stale_after:
             return (
-                f"running for {_format_duration(running_for)}, "
-                f"longer than the stale-after limit of {_format_duration(stale_after)}"
+                f"running for {format_span(running_for)}, "
+                f"longer than the stale-after limit of {format_span(stale_after)}"
             )
     return None
 
 
-def _format_duration(duration: datetime.timedelta) -> str:
+def format_span(duration: datetime.timedelta) -> str:
     """Return ``duration`` in its two largest units, such as "6 h 12 min" or "45 s".
 
     A unit of zero after the first is left out ("6 h", not "6 h 0 min"), and smaller

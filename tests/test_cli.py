@@ -969,7 +969,7 @@ def test_check_and_dry_run_other_user(shared_store: Path, command: list[str]) ->
     give_to_owner(shared_store, directory_mode=0o755, file_mode=0o644)
     before = owners(shared_store)
 
-    code, out, err = run_cli_as(OTHER, *command, "--data-dir", shared_store)
+    code, _, err = run_cli_as(OTHER, *command, "--data-dir", shared_store)
 
     assert code == 0, err
     assert "permission" not in err

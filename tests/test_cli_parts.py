@@ -23,7 +23,6 @@ from telemetry.cli._output import (
     Progress,
     ProgressAwareHandler,
     format_duration,
-    format_span,
     format_time,
     print_table,
     write_line,
@@ -188,23 +187,6 @@ def test_count_too_many_digits() -> None:
 def test_format_duration(milliseconds: float | None, shown: str) -> None:
     """Durations are shown in the unit that keeps them short, chosen after rounding."""
     assert format_duration(milliseconds) == shown
-
-
-@pytest.mark.parametrize(
-    ("span", "shown"),
-    [
-        (datetime.timedelta(seconds=45), "45 s"),
-        (datetime.timedelta(minutes=90), "1 h 30 min"),
-        (datetime.timedelta(hours=6, minutes=12, seconds=59), "6 h 12 min"),
-        (datetime.timedelta(hours=24), "1 d"),
-        (datetime.timedelta(days=1, minutes=5), "1 d"),
-        (datetime.timedelta(weeks=2), "14 d"),
-        (datetime.timedelta(0), "0 s"),
-    ],
-)
-def test_format_span(span: datetime.timedelta, shown: str) -> None:
-    """Spans show their two largest units, without a second unit of zero."""
-    assert format_span(span) == shown
 
 
 def test_format_time() -> None:

@@ -306,7 +306,7 @@ def test_find_rejects_arguments(
 )
 def test_format_duration_units(duration: datetime.timedelta, text: str) -> None:
     """Durations show their two largest units, leaving out a second unit of zero."""
-    assert stale._format_duration(duration) == text
+    assert stale.format_span(duration) == text
 
 
 # -- abandon_runs through a real client, with an agent killed by SIGKILL ------------------

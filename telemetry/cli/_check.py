@@ -19,12 +19,12 @@ from telemetry.cli._context import (
     CommandError,
     IndexUnusableError,
 )
-from telemetry.cli._output import format_span, format_time, plural, print_json, printable
+from telemetry.cli._output import format_time, plural, print_json, printable
 from telemetry.consistency import Consistency, compare_index_with_journal
 from telemetry.database import DatabaseWriter
 from telemetry.journal import FOLLOW_MAX_DAYS_AHEAD, JournalFile, JournalReader, JournalRuns
 from telemetry.rebuild import find_leftover_files
-from telemetry.stale import AbandonResult, StaleRun, abandon_runs, find_stale_runs
+from telemetry.stale import AbandonResult, StaleRun, abandon_runs, find_stale_runs, format_span
 
 __all__ = ["register"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 import time
@@ -17,7 +16,6 @@ __all__ = [
     "ProgressAwareHandler",
     "format_bytes",
     "format_duration",
-    "format_span",
     "format_time",
     "plural",
     "print_json",
@@ -59,26 +57,6 @@ def format_duration(milliseconds: float | None) -> str:
         if float(rounded) < next_unit_size:
             return f"{rounded} {unit}"
     return f"{seconds / 3600:.1f} h"
-
-
-def format_span(duration: datetime.timedelta) -> str:
-    """Return a span of time in its two largest units, such as ``1 d``, ``6 h 12 min`` or ``45 s``.
-
-    A second unit of zero is left out and smaller units are dropped, not rounded. This is
-    the form of the reasons that telemetry.stale gives for a stale run, so that a report
-    shows the --stale-after limit the same way in its heading and in each reason.
-    """
-    # NOTE: stale._format_duration applies the same rule. One shared function in the
-    # library would keep the two from drifting apart.
-    seconds = max(0, int(duration.total_seconds()))
-    days, seconds = divmod(seconds, 86400)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    units = [(days, "d"), (hours, "h"), (minutes, "min"), (seconds, "s")]
-    while len(units) > 1 and units[0][0] == 0:
-        units.pop(0)
-    displayed_units = [units[0]] + [unit for unit in units[1:2] if unit[0] != 0]
-    return " ".join(f"{value} {name}" for value, name in displayed_units)
 
 
 def format_time(timestamp: str | None) -> str:
