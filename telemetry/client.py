@@ -601,10 +601,14 @@ class TelemetryClient:
         del values["run_id"]
         changed = values
         if indexed_values is not None:
+            # metrics_json is always written: the agent may have changed its nested values
+            # in place since start_run, and the saved start values share those objects.
             changed = {
                 name: value
                 for name, value in values.items()
-                if name not in indexed_values or indexed_values[name] != value
+                if name in _MUTABLE_COLUMNS
+                or name not in indexed_values
+                or indexed_values[name] != value
             }
         if index.update_run(record.run_id, if_status="running", **changed):
             return None
@@ -940,6 +944,10 @@ class _EarlyStop:
                 self.fix = "check api_url (TELEMETRY_API_URL) and that the API is up"
                 return f"{count} posts in a row could not reach the API ({result.message})"
         return None
+
+
+# Columns whose values are containers that the agent can change in place.
+_MUTABLE_COLUMNS = frozenset({"metrics_json"})
 
 
 def _later_end(record: RunRecord, other: RunRecord) -> str | None:

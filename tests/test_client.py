@@ -175,6 +175,20 @@ def test_end_run_from_another_client(tmp_path: Path) -> None:
     assert row.items_failed == 2
 
 
+def test_end_run_metrics_changed_in_place(tmp_path: Path) -> None:
+    """Metrics that the agent changed in place after start_run reach the index at the end."""
+    stats: dict[str, Any] = {"progress": {"done": 0}}
+    with make_client(tmp_path) as client:
+        run_id = client.start_run("agent", "job", metrics_json=stats)
+        stats["progress"]["done"] = 42
+        client.end_run(run_id)
+        end_line = [line for line in journal_lines(client) if line["record_type"] == "run_end"]
+    row = index_row(client, run_id)
+
+    assert end_line[0]["metrics_json"] == {"progress": {"done": 42}}
+    assert row.metrics_json == {"progress": {"done": 42}}
+
+
 # -- track_run statuses -------------------------------------------------------------------
 
 
