@@ -302,9 +302,9 @@ class JournalReader:
         every 100th).
 
         After a roll-over the previous file is still read as long as ``today()`` is its
-        date, because a writer whose clock is ahead can start the next day's file early,
-        and then during a grace period, because a record dated before midnight can be
-        appended after the next day's file appeared. The grace period is
+        date, because a writer whose clock is ahead can start the next day's file early.
+        It is then read during a grace period, because a record dated before midnight can
+        be appended after the next day's file appeared. The grace period is
         ROLL_OVER_GRACE_POLLS sleeps, or as many sleeps of ``poll_interval`` as make
         ROLL_OVER_GRACE_SECONDS, whichever is more. It is counted in calls to ``sleep``, so
         an injected sleep controls it. An unfinished last line still in that file when the

@@ -737,7 +737,7 @@ def test_non_utf8_argument(store: dict[str, Any], arguments: list[str]) -> None:
 def test_huge_counts_rejected(
     store: dict[str, Any], command: str, options: list[str], named: str
 ) -> None:
-    """A count beyond what SQLite or the backlog holds is a one-line usage error."""
+    """A count larger than SQLite or the backlog can take is a one-line usage error."""
     result = run_cli(command, *options, data_dir=store["dir"])
 
     assert result.returncode == 2
@@ -1034,7 +1034,7 @@ def test_read_only_directory(shared_store: Path) -> None:
 
 
 def test_runs_empty_index_not_migrated(tmp_path: Path) -> None:
-    """runs does not migrate an empty index file, and says how to migrate it."""
+    """runs does not migrate an empty index file, and prints how to migrate it."""
     index = tmp_path / "telemetry.db"
     index.touch()
 

@@ -583,7 +583,7 @@ def test_flush_pending_stops_when_unreachable(
 
 
 def test_flush_pending_server_error_continues(tmp_path: Path, api_server: Any) -> None:
-    """A 500 is an answer of the server, so every pending run is still tried."""
+    """A 500 is a response from the server, so every pending run is still tried."""
     api_server.respond(500, times=5)
     with make_client(tmp_path, api_url=api_server.url, **FAST_FAILURE) as client:
         pend_runs(client, 5)

@@ -2,7 +2,7 @@
 
 A subcommand is a function ``handler(args, context) -> int`` that returns its exit code.
 It reports an expected fault by raising CommandError (exit 1) or UsageError (exit 2) with
-a one-line message; the command's main() prints it and never shows a traceback for it.
+a one-line message. The command's main() prints that message without a traceback.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class CommandError(Exception):
 
 
 class UsageError(CommandError):
-    """The command line asks for something impossible; the command exits with 2."""
+    """An invalid command line, such as options that exclude each other; exit code 2."""
 
     exit_code = EXIT_USAGE
 

@@ -1,4 +1,4 @@
-"""How the command shows things: aligned tables, JSON, durations, times and progress."""
+"""Output of the command: aligned tables, JSON, durations, times and progress."""
 
 from __future__ import annotations
 
@@ -132,9 +132,9 @@ class ProgressAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 class Progress:
-    """Shows how far a long operation has got, on a stream of its own (stderr).
+    """Progress display of a long operation, on a stream of its own (stderr).
 
-    With ``bar`` true the line is redrawn in place (``\\r``); otherwise, when ``lines`` is
+    With ``bar`` true the line is redrawn in place (``\\r``). Otherwise, when ``lines`` is
     true, a plain line is written each time another tenth of the work is done, and at
     the end. With neither, nothing is shown. No state is shown twice in a row, and log
     lines written with write_line (as ProgressAwareHandler does) go above the bar.
