@@ -58,7 +58,7 @@ def test_duration_invalid(text: str) -> None:
 
 
 def test_duration_too_long() -> None:
-    """A duration past what timedelta holds is refused, not crashed on."""
+    """A duration longer than timedelta can store is rejected with a message."""
     with pytest.raises(argparse.ArgumentTypeError, match="too long"):
         parse_duration("99999999999w")
 

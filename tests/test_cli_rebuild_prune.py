@@ -424,7 +424,7 @@ def test_prune_posted_with_api(aged_store: Path, free_port: int) -> None:
 
 
 def test_prune_dry_run_pending(aged_store: Path, free_port: int) -> None:
-    """--dry-run with an API configured says how many runs are not yet posted."""
+    """--dry-run with an API configured prints how many runs are not yet posted."""
     result = run_cli(
         "prune",
         "--older-than",

@@ -153,7 +153,7 @@ def test_read_only_rejects_writes(store: Path) -> None:
 
 
 def test_read_only_older_schema(store: Path) -> None:
-    """An empty file (schema version 0) is not migrated, and the error says how to migrate it."""
+    """An empty file (schema version 0) is not migrated; the error explains how to migrate it."""
     path = store / "telemetry.db"
     path.touch()
     with pytest.raises(SchemaError, match="open it once for writing"):

@@ -1,4 +1,4 @@
-"""What every subcommand gets: the resolved config, the store, the output streams.
+"""The context of a subcommand: the resolved config, the store and the output streams.
 
 A subcommand is a function ``handler(args, context) -> int`` that returns its exit code.
 It reports an expected fault by raising CommandError (exit 1) or UsageError (exit 2) with
