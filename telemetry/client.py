@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import datetime
 import logging
 import os
@@ -20,7 +21,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -189,14 +190,14 @@ class TelemetryClient:
             self._active[run_id] = active
 
         start_values = record.to_dict()
-        self._write_journal("run_start", start_values, run_id)
-        index = self._open_index()
-        if index is not None and self._guard(
-            "index the start of", run_id, index.insert_run, record
-        ):
-            # No other thread has the run id before start_run returns it, so nothing has
-            # changed the record since start_values was taken.
-            active.indexed_values = start_values
+        with self._journaling("run_start", start_values, run_id):
+            index = self._open_index()
+            if index is not None and self._guard(
+                "index the start of", run_id, index.insert_run, record
+            ):
+                # No other thread has the run id before start_run returns it, so nothing
+                # has changed the record since start_values was taken.
+                active.indexed_values = start_values
         return run_id
 
     def log_event(
@@ -468,19 +469,19 @@ class TelemetryClient:
             return self._end_found_run(record)
 
         end_values = record.to_dict()
-        self._write_journal("run_end", end_values, run_id)
-        index = self._open_index()
-        if index is None:
-            return record
-        overwritten = self._guard(
-            "index the end of",
-            run_id,
-            self._store_own_end,
-            index,
-            record,
-            end_values,
-            active.indexed_values,
-        )
+        with self._journaling("run_end", end_values, run_id):
+            index = self._open_index()
+            if index is None:
+                return record
+            overwritten = self._guard(
+                "index the end of",
+                run_id,
+                self._store_own_end,
+                index,
+                record,
+                end_values,
+                active.indexed_values,
+            )
         if overwritten is not None:
             # This client's run_end line may precede the other one in the journal. It is
             # written again because the last run_end line of a run is the one that counts.
@@ -785,6 +786,32 @@ class TelemetryClient:
             return False
         return True
 
+    @contextlib.contextmanager
+    def _journaling(self, record_type: str, data: dict[str, Any], run_id: str) -> Iterator[None]:
+        """Write a run line to the journal, and let the body run while the disk flushes it.
+
+        The line is written to the file before the body runs, and the block ends only when
+        the line is on disk, as _write_journal's would. The body, which writes the index,
+        runs while the journal's sync thread fsyncs the line, so a run costs about the
+        longer of the two instead of their sum. A journal that fails is logged, and the
+        body still runs.
+        """
+        journal = self._open_journal()
+        seq = None
+        if journal is not None:
+            try:
+                seq = journal._write_record(record_type, data, None, None, sync_ahead=True)
+            except Exception as exc:
+                self._log_failure(f"journal the {record_type} of", run_id, exc)
+        try:
+            yield
+        finally:
+            if journal is not None and seq is not None:
+                try:
+                    journal._wait_durable(seq)
+                except Exception as exc:
+                    self._log_failure(f"journal the {record_type} of", run_id, exc)
+
     def _open_journal(self) -> NDJSONWriter | None:
         with self._lock:
             if self._journal is None and self._may_open("journal"):
@@ -803,7 +830,9 @@ class TelemetryClient:
         with self._lock:
             if self._index is None and self._may_open("index"):
                 self._index = self._open(
-                    "index", self._config.db_path, lambda: DatabaseWriter(self._config.db_path)
+                    "index",
+                    self._config.db_path,
+                    lambda: DatabaseWriter(self._config.db_path, checkpoint_in_background=True),
                 )
             return self._index
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from telemetry._checkpoint import FALLBACK_AUTOCHECKPOINT_PAGES, BackgroundCheckpointer
 from telemetry._schema import (
     _COLUMNS,
     _PENDING_CONDITION,
@@ -270,6 +272,16 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return "database is locked" in message or "busy" in message
 
 
+def _checkpoint(writer_ref: weakref.ref[DatabaseWriter]) -> tuple[int, int, int] | None:
+    # Runs on the checkpoint thread, with that thread's own connection.
+    writer = writer_ref()
+    if writer is None:
+        return None
+    with _fork_gate.entered():
+        row = writer._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
+
+
 # -- files and connections ---------------------------------------------------------------
 
 
@@ -411,6 +423,10 @@ class DatabaseWriter:
             recorder in place of time.sleep.
         busy_timeout_ms: how long SQLite itself waits for a lock before each attempt fails.
         read_only: open the existing file for reading only.
+        checkpoint_in_background: move SQLite's WAL checkpoints from the commits of the
+            caller's threads to a daemon thread of this writer (see telemetry._checkpoint).
+            The client turns it on; short-lived writers such as the command's keep
+            SQLite's automatic checkpoint.
 
     Raises:
         sqlite3.DatabaseError: the file is not an SQLite database.
@@ -435,6 +451,7 @@ class DatabaseWriter:
         sleep: Callable[[float], None] = time.sleep,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         read_only: bool = False,
+        checkpoint_in_background: bool = False,
     ) -> None:
         if not isinstance(busy_timeout_ms, int) or isinstance(busy_timeout_ms, bool):
             raise TypeError(f"invalid busy_timeout_ms {busy_timeout_ms!r}: expected an int")
@@ -449,6 +466,11 @@ class DatabaseWriter:
         self._open_connections: list[_OpenConnection] = []
         self._generation = 0
         self._thread_state = _ThreadState()
+        self._checkpointer: BackgroundCheckpointer | None = None
+        if checkpoint_in_background and not self.read_only:
+            self._checkpointer = BackgroundCheckpointer(
+                str(self.path), functools.partial(_checkpoint, weakref.ref(self))
+            )
         _live_writers.add(self)
 
         if not self.read_only:
@@ -996,6 +1018,8 @@ class DatabaseWriter:
         Corrupt An SQLite Database File" warns against using a connection across fork(),
         and closing one is such a use.
         """
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         pid = os.getpid()
         with self._lock:
             self._generation += 1
@@ -1061,6 +1085,8 @@ class DatabaseWriter:
                 try:
                     result = work(connection)
                     connection.execute("COMMIT")
+                    if self._checkpointer is not None:
+                        self._checkpointer.note_commit()
                 except BaseException:
                     if connection.in_transaction:
                         # A failed ROLLBACK must not hide the error that caused it.
@@ -1187,7 +1213,12 @@ class DatabaseWriter:
                     mode,
                 )
             connection.execute("PRAGMA synchronous = NORMAL")
-            connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+            autocheckpoint = (
+                WAL_AUTOCHECKPOINT_PAGES
+                if self._checkpointer is None
+                else FALLBACK_AUTOCHECKPOINT_PAGES
+            )
+            connection.execute(f"PRAGMA wal_autocheckpoint = {autocheckpoint}")
             connection.execute("PRAGMA foreign_keys = ON")
         except BaseException:
             connection.close()

@@ -57,6 +57,7 @@ from telemetry._dates import (
     utc_today,
 )
 from telemetry._logutil import RepeatLimiter
+from telemetry._wakeable import WakeableThread
 from telemetry.config import DURABILITY_MODES
 from telemetry.encoding import make_jsonable
 from telemetry.errors import ConfigError
@@ -159,6 +160,9 @@ class NDJSONWriter:
         self._durable = threading.Condition(threading.Lock())
         self._batch_thread: threading.Thread | None = None
         self._batch_stop = threading.Event()
+        self._sync_thread = WakeableThread(
+            f"telemetry-journal-sync-{self.directory.name}", self, _sync_ahead
+        )
         self._repeats = RepeatLimiter(burst=_REPEAT_BURST, every=_REPEAT_EVERY)
 
     # -- writing ------------------------------------------------------------------------------
@@ -205,6 +209,26 @@ class NDJSONWriter:
         make_jsonable and logged the issues of, as ``converted_key`` so that it is not
         walked a second time. That value must be what make_jsonable returned.
         """
+        seq = self._write_record(record_type, data, timestamp, converted_key)
+        if self.durability == "fsync":
+            self._wait_until_durable(seq)
+
+    def _write_record(
+        self,
+        record_type: str,
+        data: Mapping[str, Any],
+        timestamp: str | None,
+        converted_key: str | None,
+        *,
+        sync_ahead: bool = False,
+    ) -> int:
+        """Write a record as _append() does, without the wait for the disk, and return its number.
+
+        In ``"fsync"`` mode the caller must then pass the number to _wait_durable() before
+        it reports the record as written. With ``sync_ahead``, the writer's sync thread
+        starts the fsync at once, so that the caller can do other work, such as writing
+        the index, while the disk flushes: the wait then costs what remains of the fsync.
+        """
         if record_type not in RECORD_TYPES:
             raise ValueError(
                 f"unknown record_type {record_type!r}: expected one of {', '.join(RECORD_TYPES)}"
@@ -227,6 +251,16 @@ class NDJSONWriter:
                 "that line and count it as corrupt",
                 self.file_path(date),
             )
+        if sync_ahead and self.durability == "fsync":
+            self._sync_thread.wake()
+        return seq
+
+    def _wait_durable(self, seq: int) -> None:
+        """Return when line ``seq`` is on disk in ``"fsync"`` mode, and at once in the others.
+
+        Raises:
+            OSError: the fsync failed.
+        """
         if self.durability == "fsync":
             self._wait_until_durable(seq)
 
@@ -254,6 +288,7 @@ class NDJSONWriter:
             self._closed = True
             thread, self._batch_thread = self._batch_thread, None
             self._batch_stop.set()
+        self._sync_thread.stop()
 
         if thread is not None:
             thread.join(_THREAD_JOIN_TIMEOUT_SECONDS)
@@ -635,8 +670,23 @@ def _run_batch_fsync(
 # -- file helpers -------------------------------------------------------------------------------
 
 
+def _sync_ahead(writer: NDJSONWriter) -> None:
+    # The task of the sync thread: it leads a group commit of every line written so far.
+    # The callers waiting for those lines see the outcome through _wait_until_durable, and
+    # a caller whose line is not on disk after a failure fsyncs again itself and gets the
+    # error.
+    with writer._lock:
+        target = writer._written_seq
+    try:
+        writer._wait_until_durable(target)
+    except OSError as exc:
+        logger.debug("early fsync of %s failed: %s", writer.directory, exc)
+
+
 # On POSIX the journal calls flock directly, the call that portalocker's default locker
 # makes too (portalocker 4.4), without portalocker's checks of its arguments on every append.
+
+
 def _lock_file(fd: int) -> None:
     if fcntl is not None:
         fcntl.flock(fd, fcntl.LOCK_EX)

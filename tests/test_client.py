@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,43 @@ def test_run_recorded_in_journal_and_index(tmp_path: Path) -> None:
     assert row.duration_ms is not None
     assert row.end_time.endswith("+00:00")
     assert row.pid == os.getpid()
+
+
+def test_run_indexed_while_start_fsyncs(tmp_path: Path) -> None:
+    """start_run writes the index while its journal line is fsynced, and returns after both."""
+    client = make_client(tmp_path)
+    journal = client._open_journal()
+    assert journal is not None
+    assert client._open_index() is not None
+    real_fsync = journal._fsync
+    entered = threading.Event()
+    release = threading.Event()
+
+    def held_fsync(fd: int) -> None:
+        entered.set()
+        release.wait(30)
+        real_fsync(fd)
+
+    journal._fsync = held_fsync
+    run_ids: list[str] = []
+    starter = threading.Thread(target=lambda: run_ids.append(client.start_run("agent", "job")))
+    starter.start()
+    assert entered.wait(30)
+    indexed_during_fsync = False
+    with DatabaseWriter(client.config.db_path, read_only=True) as reader:
+        for _ in range(2000):
+            if reader.count_runs() == 1:
+                indexed_during_fsync = True
+                break
+            time.sleep(0.005)
+    returned_during_fsync = not starter.is_alive()
+    release.set()
+    starter.join(30)
+    client.close()
+
+    assert indexed_during_fsync
+    assert not returned_during_fsync
+    assert len(run_ids) == 1
 
 
 def test_store_created_owner_only(tmp_path: Path) -> None:

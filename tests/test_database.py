@@ -12,6 +12,7 @@ import sqlite3
 import stat
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 from record_support import make_full_record
 
 from telemetry import database
+from telemetry._checkpoint import COMMITS_PER_CHECKPOINT, FALLBACK_AUTOCHECKPOINT_PAGES
 from telemetry.database import RETRY_DELAYS, DatabaseWriter
 from telemetry.errors import SchemaError
 from telemetry.models import SCHEMA_VERSION, STATUSES, RunRecord
@@ -870,3 +872,46 @@ def test_fork_during_transaction(tmp_path: Path) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert writer.get_run("child-run") is not None
     writer.close()
+
+
+# -- checkpoints in the background ----------------------------------------------------------
+
+
+def autocheckpoint_pages(writer: DatabaseWriter) -> int:
+    return int(writer._connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+
+def test_autocheckpoint_default(writer: DatabaseWriter) -> None:
+    """Without background checkpoints, commits checkpoint every 1,000 pages, SQLite's way."""
+    assert autocheckpoint_pages(writer) == 1000
+
+
+def test_background_checkpoint_raises_limit(db_path: Path) -> None:
+    """With background checkpoints, commits checkpoint only past the fallback limit."""
+    with DatabaseWriter(db_path, checkpoint_in_background=True) as background:
+        assert autocheckpoint_pages(background) == FALLBACK_AUTOCHECKPOINT_PAGES
+
+
+def test_background_checkpoint_runs(db_path: Path) -> None:
+    """After COMMITS_PER_CHECKPOINT commits, the thread checkpoints the log."""
+    background = DatabaseWriter(db_path, checkpoint_in_background=True)
+    for index in range(COMMITS_PER_CHECKPOINT):
+        background.insert_run(make_record(f"run-{index}"))
+    checkpointer = background._checkpointer
+    assert checkpointer is not None
+    deadline = time.monotonic() + 10
+    while checkpointer.completed == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    background.close()
+    assert checkpointer.completed == 1
+    assert background.count_runs() == COMMITS_PER_CHECKPOINT
+
+
+def test_close_stops_checkpoint_thread(db_path: Path) -> None:
+    """close() ends the checkpoint thread along with the connections."""
+    background = DatabaseWriter(db_path, checkpoint_in_background=True)
+    for index in range(COMMITS_PER_CHECKPOINT):
+        background.insert_run(make_record(f"run-{index}"))
+    background.close()
+    names = [thread.name for thread in threading.enumerate()]
+    assert f"telemetry-index-checkpoint-{db_path}" not in names

@@ -536,6 +536,91 @@ def test_fsync_failure_raises(tmp_path: Path) -> None:
     assert [r["payload"]["seq"] for r in writer.read_file(DATE)] == [1, 2]
 
 
+def test_sync_ahead_fsyncs_on_sync_thread(tmp_path: Path) -> None:
+    """With sync_ahead, the sync thread fsyncs the line while the caller goes on."""
+    writer = NDJSONWriter(tmp_path, durability="fsync")
+    real_fsync = writer._fsync
+    entered = threading.Event()
+    release = threading.Event()
+    fsync_threads: list[str] = []
+
+    def held_fsync(fd: int) -> None:
+        fsync_threads.append(threading.current_thread().name)
+        entered.set()
+        release.wait(SUBPROCESS_TIMEOUT_SECONDS)
+        real_fsync(fd)
+
+    writer._fsync = held_fsync
+    seq = writer._write_record("event", event(seq=1), None, None, sync_ahead=True)
+    # The caller is free while the fsync is held: this line runs during it.
+    assert entered.wait(SUBPROCESS_TIMEOUT_SECONDS)
+    release.set()
+    writer._wait_durable(seq)
+    writer.close()
+
+    assert fsync_threads[0].startswith("telemetry-journal-sync-")
+
+
+def test_wait_durable_blocks_until_fsynced(tmp_path: Path) -> None:
+    """_wait_durable returns only after the fsync that covers the line has finished."""
+    writer = NDJSONWriter(tmp_path, durability="fsync")
+    real_fsync = writer._fsync
+    entered = threading.Event()
+    release = threading.Event()
+
+    def held_fsync(fd: int) -> None:
+        entered.set()
+        release.wait(SUBPROCESS_TIMEOUT_SECONDS)
+        real_fsync(fd)
+
+    writer._fsync = held_fsync
+    seq = writer._write_record("event", event(seq=1), None, None, sync_ahead=True)
+    waiter = threading.Thread(target=writer._wait_durable, args=(seq,))
+    waiter.start()
+    assert entered.wait(SUBPROCESS_TIMEOUT_SECONDS)
+    still_waiting = waiter.is_alive()
+    release.set()
+    waiter.join(SUBPROCESS_TIMEOUT_SECONDS)
+    writer.close()
+
+    assert still_waiting
+
+
+def test_sync_ahead_failure_reaches_caller(tmp_path: Path) -> None:
+    """When the fsync fails, the caller's _wait_durable raises the OSError."""
+    writer = NDJSONWriter(tmp_path, durability="fsync")
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "simulated I/O error")
+
+    writer._fsync = failing_fsync
+    seq = writer._write_record("event", event(seq=1), None, None, sync_ahead=True)
+    with pytest.raises(OSError, match="simulated"):
+        writer._wait_durable(seq)
+
+
+@pytest.mark.parametrize("durability", ["batch", "none"])
+def test_sync_ahead_other_modes(tmp_path: Path, durability: str) -> None:
+    """Outside fsync mode, sync_ahead starts no thread and _wait_durable returns at once."""
+    writer = NDJSONWriter(tmp_path, durability=durability)
+    seq = writer._write_record("event", event(seq=1), None, None, sync_ahead=True)
+    writer._wait_durable(seq)
+    names = [thread.name for thread in threading.enumerate()]
+    writer.close()
+
+    assert f"telemetry-journal-sync-{tmp_path.name}" not in names
+
+
+def test_close_stops_sync_thread(tmp_path: Path) -> None:
+    """close() ends the sync thread."""
+    writer = NDJSONWriter(tmp_path, durability="fsync")
+    seq = writer._write_record("event", event(seq=1), None, None, sync_ahead=True)
+    writer._wait_durable(seq)
+    writer.close()
+    names = [thread.name for thread in threading.enumerate()]
+    assert f"telemetry-journal-sync-{tmp_path.name}" not in names
+
+
 APPEND_SCRIPT = """
     import sys
     from telemetry.ndjson import NDJSONWriter
