@@ -115,7 +115,10 @@ def _is_plain(value: Any, depth: int) -> bool:
         for key, item in value.items():
             if type(key) is not str or not (key.isascii() or _is_utf8(key)):
                 return False
-            if not _is_plain_scalar(item) and not _is_plain(item, depth):
+            # ASCII text and None are the usual items: checked here, they save a call.
+            if type(item) is str and item.isascii():
+                continue
+            if item is not None and not _is_plain_scalar(item) and not _is_plain(item, depth):
                 return False
         return True
     if kind is list or kind is tuple:
