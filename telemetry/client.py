@@ -62,8 +62,13 @@ AUTO_RETRY_BASE_SECONDS = 30.0
 AUTO_RETRY_MAX_SECONDS = 3600.0
 AUTO_RETRY_RUNS_PER_END = 3
 
-# How many ids of runs ended by this client are kept to recognise a second end_run.
-ENDED_RUNS_REMEMBERED = 10_000
+# How many ids of runs ended by this client are kept to recognise a second end_run at
+# once. Older ones are found ended in the index instead, so the number only bounds memory.
+ENDED_RUNS_REMEMBERED = 1_000
+
+# Page cache of the client's index connections. Writing a run touches a few pages, and
+# 256 KiB kept the cost per run of a 20,000-run index as with SQLite's 2,000 KiB default.
+INDEX_PAGE_CACHE_KIB = 256
 
 # flush_pending stops after this many posts in a row that could not reach the API, because
 # each later post would spend its own retries and timeouts on the same fault.
@@ -832,7 +837,11 @@ class TelemetryClient:
                 self._index = self._open(
                     "index",
                     self._config.db_path,
-                    lambda: DatabaseWriter(self._config.db_path, checkpoint_in_background=True),
+                    lambda: DatabaseWriter(
+                        self._config.db_path,
+                        checkpoint_in_background=True,
+                        page_cache_kib=INDEX_PAGE_CACHE_KIB,
+                    ),
                 )
             return self._index
 

@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from telemetry import FlushResult, TelemetryClient, TelemetryConfig, current_run
+from telemetry import client as client_module
 from telemetry.api import PostResult
 from telemetry.client import _EarlyStop
 from telemetry.database import DatabaseWriter
@@ -197,6 +198,23 @@ def test_end_run_twice_changes_nothing(tmp_path: Path, caplog: pytest.LogCapture
 
     assert row.status == "failed"
     assert "already ended" in caplog.text
+
+
+def test_end_run_again_after_forgotten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run ended long ago, whose id the client forgot, is found ended in the index."""
+    monkeypatch.setattr(client_module, "ENDED_RUNS_REMEMBERED", 1)
+    with make_client(tmp_path) as client:
+        first = client.start_run("a", "b")
+        client.end_run(first, "failed")
+        client.end_run(client.start_run("a", "b"))
+        client.end_run(client.start_run("a", "b"))
+        assert client.end_run(first, "success") is None
+        row = index_row(client, first)
+
+    assert row.status == "failed"
+    assert "already ended with status failed" in caplog.text
 
 
 def test_end_run_from_another_client(tmp_path: Path) -> None:

@@ -915,3 +915,16 @@ def test_close_stops_checkpoint_thread(db_path: Path) -> None:
     background.close()
     names = [thread.name for thread in threading.enumerate()]
     assert f"telemetry-index-checkpoint-{db_path}" not in names
+
+
+def test_page_cache_size_set(db_path: Path) -> None:
+    """page_cache_kib sets each connection's page cache, in KiB."""
+    with DatabaseWriter(db_path, page_cache_kib=256) as small:
+        assert small._connection().execute("PRAGMA cache_size").fetchone()[0] == -256
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True, "256"])
+def test_page_cache_size_invalid(db_path: Path, size: object) -> None:
+    """A page cache size that is not a positive int raises, naming the value."""
+    with pytest.raises(ValueError, match="invalid page_cache_kib"):
+        DatabaseWriter(db_path, page_cache_kib=size)  # type: ignore[arg-type]
