@@ -31,7 +31,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Check types with mypy in strict mode."""
-    session.install("-e", ".", "mypy")
+    session.install("-e", ".[otel]", "mypy")
     session.run("mypy")
 
 

@@ -45,6 +45,7 @@ from telemetry.models import (
     parse_timestamp,
 )
 from telemetry.ndjson import NDJSONWriter
+from telemetry.otel import OTEL_CONTEXT_EVENT, open_bridge
 
 __all__ = ["FlushResult", "TelemetryClient"]
 
@@ -135,6 +136,8 @@ class TelemetryClient:
         self._repeats = RepeatLimiter()
         self._closed = False
         self._background_posts: set[asyncio.Task[None]] = set()
+        # The OpenTelemetry bridge, or None when it is off (docs/opentelemetry.md).
+        self._otel = open_bridge(config)
         _register_exit_hook(self)
 
     # -- public API ---------------------------------------------------------------------
@@ -203,6 +206,10 @@ class TelemetryClient:
                 # No other thread has the run id before start_run returns it, so nothing
                 # has changed the record since start_values was taken.
                 active.indexed_values = start_values
+        if self._otel is not None:
+            span_parent = self._otel.start_run(record)
+            if span_parent is not None:
+                self.log_event(run_id, OTEL_CONTEXT_EVENT, span_parent)
         return run_id
 
     def log_event(
@@ -237,6 +244,8 @@ class TelemetryClient:
             agent_name=active.record.agent_name if active else None,
         )
         self._write_journal("event", event.to_dict(), run_id, converted_key="payload")
+        if self._otel is not None:
+            self._otel.log_event(run_id, event_type, event.timestamp, converted)
 
     def end_run(self, run_id: str, status: str = "success", **fields: Any) -> RunRecord | None:
         """End a run: journal its end, update the index, and post it to the API.
@@ -267,6 +276,8 @@ class TelemetryClient:
         """
         record = self._finish_run(run_id, status, fields)
         if record is not None:
+            if self._otel is not None:
+                self._otel.end_run(record)
             self._post_ended_run(record)
         return record
 
@@ -399,8 +410,10 @@ class TelemetryClient:
     def close(self) -> None:
         """End the runs still open as abandoned, flush the journal, and close everything.
 
-        The interpreter's exit calls it for every client. After close, calls are accepted
-        but record nothing, with a warning. Idempotent; faults are logged.
+        With the OpenTelemetry bridge's own pipeline, the spans not yet exported are given
+        up to ``config.end_run_timeout`` seconds to reach the collector. The interpreter's
+        exit calls it for every client. After close, calls are accepted but record
+        nothing, with a warning. Idempotent; faults are logged.
         """
         with self._lock:
             if self._closed:
@@ -424,6 +437,8 @@ class TelemetryClient:
         if index is not None:
             self._guard("close the index", None, index.close)
         self._guard("close the API client", None, self._api.close)
+        if self._otel is not None:
+            self._otel.shutdown()
 
     def __enter__(self) -> TelemetryClient:
         return self
@@ -676,6 +691,8 @@ class TelemetryClient:
         in flight when the loop stops is cancelled, and the run stays pending.
         """
         record = self._finish_run(run_id, status, fields)
+        if record is not None and self._otel is not None:
+            self._otel.end_run(record)
         if record is None or not self._api.enabled or self._config.end_run_timeout <= 0:
             return record
         try:
@@ -921,11 +938,13 @@ class TelemetryClient:
             logger.warning(
                 "run %s was still open when its client closed; ending it as abandoned", run_id
             )
-            self._finish_run(
+            record = self._finish_run(
                 run_id,
                 "abandoned",
                 {"error_summary": "the client closed, or the process exited, before end_run"},
             )
+            if record is not None and self._otel is not None:
+                self._otel.end_run(record)
 
 
 def _config_from_environment() -> TelemetryConfig:

@@ -254,6 +254,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("batch_interval", _parse_float, 1.0),
     _Setting("end_run_timeout", _parse_float, 3.0),
     _Setting("retry_after_max", _parse_float, 30.0),
+    _Setting("otel", _parse_bool_value, False),
 )
 _BY_NAME = {setting.name: setting for setting in _SETTINGS}
 
@@ -279,6 +280,8 @@ class TelemetryConfig:
         batch_interval: seconds between flushes in batch mode.
         end_run_timeout: seconds end_run may spend posting; the rest stays pending.
         retry_after_max: the longest Retry-After, in seconds, that a post waits for.
+        otel: send each run as an OpenTelemetry span too (docs/opentelemetry.md). Needs
+            the ``otel`` extra: ``pip install 'agent-telemetry[otel]'``.
         sources: where each value came from: argument, environment or default.
 
     Raises:
@@ -298,6 +301,7 @@ class TelemetryConfig:
     batch_interval: float
     end_run_timeout: float
     retry_after_max: float
+    otel: bool
     sources: Mapping[str, ConfigSource]
 
     def __init__(
@@ -316,6 +320,7 @@ class TelemetryConfig:
         batch_interval: float | str | None = None,
         end_run_timeout: float | str | None = None,
         retry_after_max: float | str | None = None,
+        otel: bool | str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         arguments = {
@@ -332,6 +337,7 @@ class TelemetryConfig:
             "batch_interval": batch_interval,
             "end_run_timeout": end_run_timeout,
             "retry_after_max": retry_after_max,
+            "otel": otel,
         }
         env = os.environ if environ is None else environ
         sources: dict[str, ConfigSource] = {}

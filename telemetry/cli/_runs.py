@@ -18,6 +18,7 @@ import orjson
 
 from telemetry.cli._args import COUNT_MAX, parse_count, parse_since, parse_text
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError, UsageError
+from telemetry.cli._otlp import export_otlp
 from telemetry.cli._output import (
     format_duration,
     format_time,
@@ -51,7 +52,9 @@ Write the runs that match the filters, newest first, to stdout or to a file. Row
 read in batches, so an export of any size needs little memory. With --output the runs
 go to a temporary file in the same directory, which is renamed to FILE only when it is
 complete. CSV text cells that start with = + - @ get a leading ' unless
---allow-formulas is given.
+--allow-formulas is given. With --otlp, the runs and their events are read from the
+journal instead and sent as OpenTelemetry spans to an OTLP/HTTP collector, with the ids
+the live bridge gives them (docs/opentelemetry.md).
 """
 _RUNS_EXAMPLE = """\
 examples:
@@ -67,6 +70,7 @@ _EXPORT_EXAMPLE = """\
 examples:
   telemetry export --since 30d --output runs.csv
   telemetry export --agent stdlib-audit --format ndjson | gzip > audit.ndjson.gz
+  telemetry export --otlp http://127.0.0.1:4318 --since 7d
 """
 
 
@@ -138,6 +142,15 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write CSV text cells unchanged, even those that start with = + - @ (by "
         "default such a cell gets a leading ' so that spreadsheets show it as text)",
+    )
+    export.add_argument(
+        "--otlp",
+        nargs="?",
+        const="",
+        metavar="ENDPOINT",
+        help="send the runs from the journal as spans to the OTLP/HTTP collector at ENDPOINT "
+        "(default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT, "
+        "else http://localhost:4318); /v1/traces is appended to a base URL",
     )
     export.set_defaults(handler=export_runs)
 
@@ -391,12 +404,14 @@ def _pretty_json(value: Any) -> str:
 def export_runs(args: argparse.Namespace, context: CommandContext) -> int:
     """Write the runs that match the filters as CSV or NDJSON, to stdout or to --output.
 
-    An --output of ``-`` is stdout.
+    An --output of ``-`` is stdout. With --otlp, send them as spans instead (_otlp.py).
 
     Raises:
         UsageError: --json together with --format csv, or --output is a directory.
         CommandError: the output file cannot be written.
     """
+    if args.otlp is not None:
+        return export_otlp(args, context, _filters(args))
     export_format = _export_format(args)
     output: Path | None = None if args.output == Path("-") else args.output
     if output is not None and output.is_dir():
