@@ -43,6 +43,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from _bridge import OTLPSink, bridge_environment, make_bridge_client
 from _contention import LockedFsyncWriter, ProcessPool, run_threads
 from _harness import (
     FloorFile,
@@ -56,7 +57,7 @@ from _peers import open_peer
 from _report import Row, Target, format_quantity, markdown_results, text_table, write_markdown
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-SECTIONS = ("floor", "contention", "caller", "peers", "memory", "syscalls", "profile")
+SECTIONS = ("floor", "contention", "caller", "peers", "bridge", "memory", "syscalls", "profile")
 # File systems that live in memory, where fsync costs nothing and the floor means nothing.
 MEMORY_FILE_SYSTEMS = {"tmpfs", "ramfs"}
 VERSIONED_DISTRIBUTIONS = (
@@ -67,6 +68,7 @@ VERSIONED_DISTRIBUTIONS = (
     "SQLAlchemy",
     "alembic",
     "opentelemetry-sdk",
+    "opentelemetry-exporter-otlp-proto-http",
     "structlog",
     "psutil",
 )
@@ -559,6 +561,62 @@ def measure_peers(root: Path, subjects: Subjects, settings: Settings) -> list[Ro
     return rows
 
 
+def measure_bridge(
+    root: Path, subjects: Subjects, subjects_module: ModuleType, settings: Settings
+) -> list[Row]:
+    """Compare a client with the OpenTelemetry bridge on with one without it."""
+    progress("OpenTelemetry bridge: runs and events with the bridge on and off")
+    name = "OpenTelemetry bridge"
+    try:
+        import opentelemetry.exporter.otlp.proto.http  # noqa: F401
+    except ImportError:
+        reason = "skipped: install agent-telemetry[otel]"
+        return [Row("bridge", name, "durable run, bridge on", [], "s", note=reason)]
+
+    with OTLPSink() as sink, bridge_environment(sink.endpoint):
+        client = make_bridge_client(root / "store-bridge")
+        events = subjects_module.EventLogger(client)
+        try:
+            rows = [
+                latency_row(
+                    "bridge",
+                    "one durable run, bridge on against off (batch span processor, "
+                    "OTLP/HTTP to 127.0.0.1)",
+                    (
+                        "start_run + end_run, bridge on",
+                        functools.partial(
+                            time_per_op, lambda: subjects_module.record_run(client), settings.ops
+                        ),
+                    ),
+                    (
+                        "start_run + end_run, bridge off",
+                        functools.partial(time_per_op, subjects.run_op("fsync"), settings.ops),
+                    ),
+                    settings.rounds,
+                    ratio_label="on / off",
+                ),
+                latency_row(
+                    "bridge",
+                    "log_event (fsync), bridge on against off",
+                    (
+                        "log_event, bridge on",
+                        functools.partial(time_per_op, events.log_event, settings.ops),
+                    ),
+                    (
+                        "log_event, bridge off",
+                        functools.partial(time_per_op, subjects.event_op("fsync"), settings.ops),
+                    ),
+                    settings.rounds,
+                    ratio_label="on / off",
+                ),
+            ]
+        finally:
+            events.close()
+        requests = sink.close()
+    rows[0].note = f"{requests} export requests reached the collector"
+    return rows
+
+
 def measure_memory(subjects_module: ModuleType, root: Path, settings: Settings) -> list[Row]:
     """Read the resident memory of a fresh process after 1,000 runs and after many more.
 
@@ -819,6 +877,11 @@ How each row is measured:
   one against log_event with durability none. structlog is configured as its performance
   guide's example (orjson, BytesLogger, cached filtering logger), against log_event with
   durability none.
+- bridge: a client with the OpenTelemetry bridge on (TELEMETRY_OTEL), whose own pipeline
+  queues each run's span in a BatchSpanProcessor and exports it over OTLP/HTTP to a
+  server on 127.0.0.1 in another process, against the durable client without the bridge.
+  A ratio above 1 is the bridge's cost on the caller's thread; the export itself runs on
+  the processor's thread.
 - memory: a fresh process records runs with durability none and reads its resident
   memory (psutil, else /proc/self/statm) after a garbage collection at each checkpoint.
   One reading per checkpoint, so there is no spread. The target allows {growth:.0%} of
@@ -1078,6 +1141,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += measure_threads(root, subjects, counter, settings)
             if "peers" not in skip:
                 rows += measure_peers(root, subjects, settings)
+            if "bridge" not in skip:
+                rows += measure_bridge(root, subjects, _subjects, settings)
         finally:
             subjects.close()
         line_sizes = journal_line_sizes(root / "store-fsync")
