@@ -31,6 +31,7 @@ DEFAULTS = {
     "batch_interval": 1.0,
     "end_run_timeout": 3.0,
     "retry_after_max": 30.0,
+    "otel": False,
 }
 TRUE_WORDS = ["1", "true", "yes", "on"]
 FALSE_WORDS = ["0", "false", "no", "off"]
@@ -77,6 +78,7 @@ def test_default_value(name: str, expected: Any, home: pathlib.Path) -> None:
         ("batch_interval", 0.5, "0.25", 0.5, 0.25),
         ("end_run_timeout", 0, "1.5", 0.0, 1.5),
         ("retry_after_max", 60, "90", 60.0, 90.0),
+        ("otel", True, "off", True, False),
     ],
 )
 def test_precedence(
