@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from telemetry._checkpoint import FALLBACK_AUTOCHECKPOINT_PAGES, BackgroundCheckpointer
+from telemetry._checkpoint import BackgroundCheckpointer
 from telemetry._schema import (
     _COLUMNS,
     _PENDING_CONDITION,
@@ -423,10 +423,10 @@ class DatabaseWriter:
             recorder in place of time.sleep.
         busy_timeout_ms: how long SQLite itself waits for a lock before each attempt fails.
         read_only: open the existing file for reading only.
-        checkpoint_in_background: move SQLite's WAL checkpoints from the commits of the
-            caller's threads to a daemon thread of this writer (see telemetry._checkpoint).
-            The client turns it on; short-lived writers such as the command's keep
-            SQLite's automatic checkpoint.
+        checkpoint_in_background: checkpoint the write-ahead log on a daemon thread of
+            this writer too, so that the checkpoints that commits run find little work
+            (see telemetry._checkpoint). The client turns it on. Short-lived writers, such
+            as the command's, leave checkpoints to SQLite.
         page_cache_kib: the size of each connection's page cache in KiB, or None for
             SQLite's default (2,000 KiB in SQLite 3.40). The client's writes touch few
             pages, and a cache that fills up to the default makes its memory grow over
@@ -1227,12 +1227,7 @@ class DatabaseWriter:
                     mode,
                 )
             connection.execute("PRAGMA synchronous = NORMAL")
-            autocheckpoint = (
-                WAL_AUTOCHECKPOINT_PAGES
-                if self._checkpointer is None
-                else FALLBACK_AUTOCHECKPOINT_PAGES
-            )
-            connection.execute(f"PRAGMA wal_autocheckpoint = {autocheckpoint}")
+            connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             if self._page_cache_kib is not None:
                 # A negative cache_size is a size in KiB, a positive one a number of pages.
                 connection.execute(f"PRAGMA cache_size = {-self._page_cache_kib}")
