@@ -16,7 +16,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -46,6 +46,9 @@ The start of a process is computed from the time since boot and today's wall clo
 a wall-clock step forward since the run started makes the process seem to start later
 by that step.
 """
+
+# The API sync state lives in the index only; the journal's copy of it is not kept up to date.
+_SYNC_COLUMNS = ("api_posted", "api_posted_at", "api_retry_count", "api_last_error")
 
 _PROC = Path("/proc")
 # States of /proc/<pid>/stat in which the process has exited: zombie and dead.
@@ -253,6 +256,10 @@ class AbandonResult(NamedTuple):
     failed: list[tuple[str, str]]
     """(run id, reason) of the runs still running, or whose row could not be checked. The
     reason names the write that failed, and the client's ERROR log line gives the cause."""
+    restored: list[tuple[str, str]]
+    """(run id, status) of the runs whose journal already has their end, such as a run
+    whose agent was killed between its run_end line and its index update. Their index
+    row now has that end."""
 
 
 def abandon_runs(
@@ -260,8 +267,14 @@ def abandon_runs(
     stale: Iterable[StaleRun],
     *,
     index: DatabaseWriter | None = None,
+    journal_runs: Mapping[str, RunRecord] | None = None,
 ) -> AbandonResult:
     """End each stale run with status ``abandoned`` and the reason as error_summary.
+
+    A run whose record in ``journal_runs`` has already ended is not abandoned: its agent
+    journaled the end and died before it updated the index. Its index row gets the
+    journal's record instead, as a rebuild would give it, except for the API sync columns,
+    which only the index holds.
 
     Each run is ended through client.end_run, which journals a run_end line and then
     updates the index row while its status is still running. For a run that another
@@ -275,6 +288,8 @@ def abandon_runs(
         stale: the runs to end, as find_stale_runs returns them.
         index: the index to read the rows back from; None opens client.config.db_path
             for the call.
+        journal_runs: the runs the journal describes, by run id, as
+            JournalReader.fold_runs returns them; None abandons every stale run.
 
     Returns:
         The runs abandoned, those ended meanwhile by another process, and those that
@@ -284,23 +299,33 @@ def abandon_runs(
     """
     runs = list(stale)
     if not runs:
-        return AbandonResult([], [], [])
+        return AbandonResult([], [], [], [])
+    ended = {} if journal_runs is None else journal_runs
     if index is not None:
-        return _abandon(client, runs, index)
+        return _abandon(client, runs, index, ended)
     try:
         opened = DatabaseWriter(client.config.db_path)
     except (sqlite3.Error, OSError) as exc:
         reason = f"not tried, because the index {client.config.db_path} cannot be opened: {exc}"
         logger.error("cannot end the stale runs as abandoned: %s", reason)
-        return AbandonResult([], [], [(run.record.run_id, reason) for run in runs])
+        return AbandonResult([], [], [(run.record.run_id, reason) for run in runs], [])
     with opened:
-        return _abandon(client, runs, opened)
+        return _abandon(client, runs, opened, ended)
 
 
-def _abandon(client: TelemetryClient, runs: list[StaleRun], index: DatabaseWriter) -> AbandonResult:
-    result = AbandonResult([], [], [])
+def _abandon(
+    client: TelemetryClient,
+    runs: list[StaleRun],
+    index: DatabaseWriter,
+    journal_runs: Mapping[str, RunRecord],
+) -> AbandonResult:
+    result = AbandonResult([], [], [], [])
     for run in runs:
         run_id = run.record.run_id
+        journaled = journal_runs.get(run_id)
+        if journaled is not None and journaled.is_final:
+            _restore_journaled_end(index, journaled, result)
+            continue
         ended = client.end_run(run_id, "abandoned", error_summary=run.reason)
         try:
             row = index.get_run(run_id)
@@ -322,3 +347,29 @@ def _abandon(client: TelemetryClient, runs: list[StaleRun], index: DatabaseWrite
         else:
             result.ended_meanwhile.append((run_id, row.status))
     return result
+
+
+def _restore_journaled_end(index: DatabaseWriter, record: RunRecord, result: AbandonResult) -> None:
+    """Write the journal's final ``record`` into its index row while that is still running."""
+    run_id = record.run_id
+    values = record.to_dict()
+    for name in ("run_id", *_SYNC_COLUMNS):
+        del values[name]
+    try:
+        updated = index.update_run(run_id, if_status="running", **values)
+        row = index.get_run(run_id)
+    except (sqlite3.Error, ValueError, TypeError) as exc:
+        logger.error("cannot write the journaled end of run %s into the index: %s", run_id, exc)
+        result.failed.append(
+            (run_id, f"its journaled end could not be written to the index: {exc}")
+        )
+        return
+    if row is None:
+        result.failed.append((run_id, "its index row was deleted meanwhile"))
+    elif updated:
+        logger.info(
+            "run %s: wrote its journaled end, status %s, into the index", run_id, row.status
+        )
+        result.restored.append((run_id, row.status))
+    else:
+        result.ended_meanwhile.append((run_id, row.status))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import pty
@@ -536,6 +537,53 @@ def test_check_repair_telemetry_disabled(tmp_path: Path) -> None:
     assert "Marked 1 stale run abandoned." in result.stdout
     assert row is not None
     assert row.status == "abandoned"
+
+
+def test_check_repair_takes_journaled_end(tmp_path: Path) -> None:
+    """A stale run whose end is in the journal gets that end in the index, not abandoned."""
+    stale = record_old_running_run(tmp_path, hours_ago=30, hostname="elsewhere-host")
+    ended = dataclasses.replace(
+        stale,
+        status="failed",
+        end_time=get_iso8601_timestamp(),
+        duration_ms=1000,
+        error_summary="ValueError: the real failure",
+    )
+    # The agent journaled its end and was killed before it updated the index.
+    write_journal(tmp_path, "run_end", ended)
+
+    result = run_cli("check", "--repair", data_dir=tmp_path)
+    again = run_cli("check", data_dir=tmp_path)
+    with DatabaseWriter(tmp_path / "telemetry.db") as index:
+        row = index.get_run(stale.run_id)
+    reader = JournalReader(tmp_path / "journal")
+    lines = [line for file in reader.files() for line in reader.read(file.path).records]
+    statuses = [line.get("status") for line in lines if line["run_id"] == stale.run_id]
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Wrote the journaled end of 1 stale run into the index" in result.stdout
+    assert f"  {stale.run_id}: failed" in result.stdout.splitlines()
+    assert "Found 2 problems and repaired them all." in result.stdout
+    assert row is not None
+    assert row.status == "failed"
+    assert row.error_summary == "ValueError: the real failure"
+    assert "abandoned" not in statuses
+    assert again.returncode == 0, again.stdout
+
+
+def test_check_repair_json_restored(tmp_path: Path) -> None:
+    """--json lists the runs whose journaled end the repair wrote into the index."""
+    stale = record_old_running_run(tmp_path, hours_ago=30, hostname="elsewhere-host")
+    ended = dataclasses.replace(stale, status="success", end_time=get_iso8601_timestamp())
+    write_journal(tmp_path, "run_end", ended)
+
+    result = run_cli("check", "--repair", "--json", data_dir=tmp_path)
+    report = orjson.loads(result.stdout)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert report["restored_from_journal"] == [{"run_id": stale.run_id, "status": "success"}]
+    assert report["repaired"] == 0
+    assert report["ok"] is True
 
 
 def run_json_allowing_problems(*args: str, data_dir: Path) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -369,7 +370,7 @@ def test_abandon_killed_agent(client: TelemetryClient) -> None:
     reason = f"process {pid} on {HOST} is no longer running"
     assert stale_ids(found) == [run_id]
     assert found[0].reason == reason
-    assert result == AbandonResult([run_id], [], [])
+    assert result == AbandonResult([run_id], [], [], [])
 
     assert row is not None
     assert row.status == "abandoned"
@@ -399,7 +400,7 @@ def test_abandon_skips_ended_run(client: TelemetryClient, caplog: pytest.LogCapt
             again = abandon_runs(second, found)
         row = index.get_run(run_id)
 
-    assert again == AbandonResult([], [(run_id, "abandoned")], [])
+    assert again == AbandonResult([], [(run_id, "abandoned")], [], [])
     assert row is not None
     assert row.status == "abandoned"
     assert any("already ended with status abandoned" in r.getMessage() for r in caplog.records)
@@ -408,7 +409,7 @@ def test_abandon_skips_ended_run(client: TelemetryClient, caplog: pytest.LogCapt
 
 def test_abandon_nothing(client: TelemetryClient) -> None:
     """No stale runs end nothing."""
-    assert abandon_runs(client, []) == AbandonResult([], [], [])
+    assert abandon_runs(client, []) == AbandonResult([], [], [], [])
 
 
 # -- abandon_runs racing the run's own end ---------------------------------------------------
@@ -478,7 +479,7 @@ def test_abandon_race_owner_ends_first(
         locker.execute("BEGIN IMMEDIATE")
         result = abandon_runs(admin, found)
 
-    assert result == AbandonResult([], [(run_id, "success")], [])
+    assert result == AbandonResult([], [(run_id, "success")], [], [])
     assert index_status(client.config.db_path, run_id) == "success"
     assert journal_status(data_dir, run_id) == "success"
     # The abandoned line was written before the conditional update found the run ended.
@@ -508,7 +509,7 @@ def test_abandon_race_owner_indexes_last(
         client.end_run(run_id, "success")
     admin.close()
 
-    assert results == [AbandonResult([run_id], [], [])]
+    assert results == [AbandonResult([run_id], [], [], [])]
     assert index_status(client.config.db_path, run_id) == "success"
     assert journal_status(data_dir, run_id) == "success"
     assert end_statuses(data_dir, run_id) == ["success", "abandoned", "success"]
@@ -558,3 +559,30 @@ def test_abandon_journal_unwritable(
     ]
     assert index_status(client.config.db_path, "no-journal") == "running"
     assert any("failed to journal the run_end" in r.getMessage() for r in caplog.records)
+
+
+def test_abandon_takes_journaled_end(client: TelemetryClient) -> None:
+    """A stale run that the journal shows ended gets that end in the index, not abandoned."""
+    started = get_iso8601_timestamp()
+    running = RunRecord(
+        run_id="run-journaled-end", agent_name="agent", job_type="job", start_time=started
+    )
+    ended = dataclasses.replace(
+        running, status="failed", end_time=get_iso8601_timestamp(), error_summary="real"
+    )
+    with DatabaseWriter(client.config.db_path) as index:
+        index.insert_run(running)
+        index.update_run(running.run_id, api_retry_count=2)
+        result = abandon_runs(
+            client,
+            [StaleRun(running, "gone")],
+            index=index,
+            journal_runs={running.run_id: ended},
+        )
+        row = index.get_run(running.run_id)
+
+    assert result == AbandonResult([], [], [], [(running.run_id, "failed")])
+    assert row is not None
+    assert row.status == "failed"
+    assert row.error_summary == "real"
+    assert row.api_retry_count == 2

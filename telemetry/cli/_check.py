@@ -52,7 +52,8 @@ A run is stale when its status is still running and either its process is gone (
 run was recorded on this host and its pid no longer runs) or it started longer ago than
 --stale-after. --repair ends each stale run as abandoned, with the reason as its
 error_summary, in the journal and in the index, even when TELEMETRY_ENABLED is false
-(that setting only stops agents from recording).
+(that setting only stops agents from recording). A stale run whose end is already in the
+journal (its agent died between the two writes) gets that end in the index instead.
 
 A journal line cut short by a crash (torn) is normal after a kill -9 or a power loss:
 readers skip it, and check reports it as a warning. Other unreadable lines are problems.
@@ -146,10 +147,21 @@ class _Findings:
         return count + len(self.stale)
 
     def repaired(self) -> int:
-        """Count the stale runs that are no longer running after --repair."""
+        """Count the findings that --repair fixed.
+
+        Those are the stale runs that are no longer running, and the differences in
+        status of the runs whose journaled end the repair wrote into the index.
+        """
         if self.repair is None:
             return 0
-        return len(self.repair.abandoned) + len(self.repair.ended_meanwhile)
+        restored = {run_id for run_id, _ in self.repair.restored}
+        differences = 0
+        if self.consistency is not None:
+            differences = sum(
+                1 for run_id, _, _ in self.consistency.status_differs if run_id in restored
+            )
+        no_longer_running = len(self.repair.abandoned) + len(self.repair.ended_meanwhile)
+        return no_longer_running + len(restored) + differences
 
     def unrepaired(self) -> int:
         """Count the findings that --repair did not fix."""
@@ -187,7 +199,9 @@ def check(args: argparse.Namespace, context: CommandContext) -> int:
         findings.consistency = _compare(statuses_before, journal, index)
         findings.stale = find_stale_runs(index, stale_after=args.stale_after)
         if args.repair:
-            findings.repair = abandon_runs(context.client(), findings.stale, index=index)
+            findings.repair = abandon_runs(
+                context.client(), findings.stale, index=index, journal_runs=journal.runs
+            )
 
     if args.json:
         print_json(_as_json(findings, args, context), context.out)
@@ -365,6 +379,14 @@ def _print_report(findings: _Findings, args: argparse.Namespace, context: Comman
 
 def _print_repair(out: TextIO, repair: AbandonResult) -> None:
     print(f"Marked {plural(len(repair.abandoned), 'stale run')} abandoned.", file=out)
+    if repair.restored:
+        print(
+            f"Wrote the journaled end of {plural(len(repair.restored), 'stale run')} into "
+            "the index, since the journal shows that they ended:",
+            file=out,
+        )
+        for run_id, status in repair.restored:
+            print(f"  {printable(run_id)}: {printable(status)}", file=out)
     for run_id, status in repair.ended_meanwhile:
         print(
             f"Run {printable(run_id)} was ended by another process meanwhile, with status "
@@ -551,6 +573,9 @@ def _as_json(findings: _Findings, args: argparse.Namespace, context: CommandCont
             for stale in findings.stale
         ],
         "repaired": None if repair is None else len(repair.abandoned),
+        "restored_from_journal": None
+        if repair is None
+        else [{"run_id": run_id, "status": status} for run_id, status in repair.restored],
         "ended_meanwhile": None
         if repair is None
         else [{"run_id": run_id, "status": status} for run_id, status in repair.ended_meanwhile],
