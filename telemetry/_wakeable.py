@@ -30,8 +30,8 @@ class WakeableThread(Generic[_Owner]):
     The thread starts on the first wake(). Wakes that arrive while the task runs are
     merged into one more run of it. The thread holds ``owner`` only through a weak
     reference, so an owner dropped without stop() can still be garbage collected, and the
-    thread then ends. An exception from the task is logged as an ERROR and the thread goes
-    on; tasks are expected to handle and log their own errors.
+    thread then ends at once. An exception from the task is logged as an ERROR and the
+    thread goes on; tasks are expected to handle and log their own errors.
 
     After fork(), the child has no thread: its first wake() starts one.
     """
@@ -90,6 +90,15 @@ class WakeableThread(Generic[_Owner]):
         )
         thread.start()
         self._thread = thread
+        owner = self._owner()
+        if owner is not None:
+            # The thread ends as soon as its owner is collected, not at its next idle wake.
+            weakref.finalize(owner, _signal_stop, self._stop, self._wake)
+
+
+def _signal_stop(stop: threading.Event, wake: threading.Event) -> None:
+    stop.set()
+    wake.set()
 
 
 def _run(

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from telemetry import _checkpoint, _wakeable
+from telemetry import _checkpoint
 from telemetry._checkpoint import BackgroundCheckpointer
 from telemetry._wakeable import WakeableThread
 
@@ -133,9 +133,8 @@ def test_task_error_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert "task broke" in caplog.text
 
 
-def test_thread_ends_with_owner(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_thread_ends_with_owner() -> None:
     """The thread ends once its owner is garbage collected, without stop()."""
-    monkeypatch.setattr(_wakeable, "_IDLE_WAKE_SECONDS", 0.01)
     owner = Owner()
     thread = WakeableThread("test-owner-gone", owner, count_run)
     thread.wake()
