@@ -743,11 +743,17 @@ def _traced_counts(strace: str, root: Path, runs: int, events: int) -> dict[str,
     return counts
 
 
+def _is_lock_wait(name: str) -> bool:
+    return "'acquire' of '_thread." in name
+
+
 # Categories of the profile's own time, matched on cProfile's names of built-in functions.
 PROFILE_CATEGORIES: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("fsync and fdatasync", lambda name: name.endswith((".fsync>", ".fdatasync>"))),
     ("SQLite (sqlite3 methods)", lambda name: "sqlite3." in name),
     ("file lock (flock)", lambda name: name.endswith((".flock>", ".lockf>"))),
+    # The sync thread fsyncs a run's journal line, so the profiled thread waits for it here.
+    ("waiting for the sync thread's fsync, locks", _is_lock_wait),
     ("other os calls (write, pread, fstat, ...)", lambda name: "method posix." in name),
     ("orjson", lambda name: "orjson" in name),
 )
