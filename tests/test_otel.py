@@ -56,6 +56,7 @@ from telemetry.otel._mapping import (
     timestamp_ns,
 )
 from telemetry.otel._replay import ReplayError, replay_journal
+from telemetry.otel._setup import otlp_headers
 
 ClientFactory = Callable[..., TelemetryClient]
 OTHER_PROCESS_RUN = "20260101T000000000000Z-elsewhere-0123456789abcdef"
@@ -855,3 +856,171 @@ def test_disabled_client_no_spans(
     client.end_run(client.start_run("off", "job"))
 
     assert exported.get_finished_spans() == ()
+
+
+# --- attribute limits ---------------------------------------------------------------------
+
+
+def sdk_full_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """Return the SDK's warnings about attributes it dropped from a full attribute dict."""
+    return [record for record in caplog.records if "Attributes dict is full" in record.message]
+
+
+def truncation_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """Return the bridge's warnings about attributes left out of a span or event."""
+    return [
+        record
+        for record in caplog.records
+        if record.name == "telemetry.otel" and "attributes were left out" in record.message
+    ]
+
+
+def test_many_metrics_keep_run_fields(
+    make_client: ClientFactory, exported: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Metrics past the span limit are left out and counted; the run fields stay."""
+    caplog.set_level(logging.WARNING)
+    client = make_client()
+    with client.track_run("many-metrics", "job") as run:
+        run.set_metrics(metrics_json={f"m{number}": number for number in range(1000)})
+    attributes = dict(run_spans(exported)[run.run_id].attributes or {})
+    metrics = [key for key in attributes if key.startswith("agent_telemetry.metrics.")]
+    run_fields = len(attributes) - len(metrics) - 1
+
+    assert len(attributes) == 128
+    assert attributes["agent_telemetry.run_id"] == run.run_id
+    assert attributes["agent_telemetry.agent_name"] == "many-metrics"
+    assert attributes["agent_telemetry.status"] == "success"
+    assert metrics[0] == "agent_telemetry.metrics.m0"
+    assert attributes["agent_telemetry.dropped_attributes_count"] == 1000 - len(metrics)
+    assert len(metrics) == 127 - run_fields
+    assert sdk_full_warnings(caplog) == []
+    assert len(truncation_warnings(caplog)) == 1
+    assert run.run_id in truncation_warnings(caplog)[0].message
+
+
+def test_many_payload_keys_capped(
+    make_client: ClientFactory, exported: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A payload past the event limit keeps its first keys and counts the rest, logged once
+    per run."""
+    caplog.set_level(logging.WARNING)
+    client = make_client()
+    with client.track_run("many-keys", "job") as run:
+        run.log_event("rows", {f"col{number}": number for number in range(10_000)})
+        run.log_event("rows", {f"col{number}": number for number in range(500)})
+    events = run_spans(exported)[run.run_id].events
+    first = dict(events[0].attributes or {})
+
+    assert len(first) == 128
+    assert list(first)[:2] == ["col0", "col1"]
+    assert first["col126"] == 126
+    assert first["agent_telemetry.dropped_attributes_count"] == 10_000 - 127
+    assert dict(events[1].attributes or {})["agent_telemetry.dropped_attributes_count"] == 373
+    assert sdk_full_warnings(caplog) == []
+    assert len(truncation_warnings(caplog)) == 1
+    assert "9873 attributes were left out" in truncation_warnings(caplog)[0].message
+
+
+def test_attribute_limit_from_env(
+    make_client: ClientFactory,
+    exported: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OTEL_ATTRIBUTE_COUNT_LIMIT caps the bridge's attributes; a replay caps them alike."""
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setenv("OTEL_ATTRIBUTE_COUNT_LIMIT", "4")
+    client = make_client()
+    with client.track_run("small-limit", "job", trigger_type="cron") as run:
+        run.log_event("rows", {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5})
+        run.set_metrics(metrics_json={"m": 1})
+    live = run_spans(exported)[run.run_id]
+    attributes = dict(live.attributes or {})
+
+    # The module's provider keeps 128 attributes: only the bridge's cap applies here.
+    assert list(attributes) == [
+        "agent_telemetry.run_id",
+        "agent_telemetry.agent_name",
+        "agent_telemetry.job_type",
+        "agent_telemetry.dropped_attributes_count",
+    ]
+    assert dict(live.events[0].attributes or {}) == {
+        "a": 1,
+        "b": 2,
+        "c": 3,
+        "agent_telemetry.dropped_attributes_count": 2,
+    }
+    assert replayed(client) == {run.run_id: comparable(live)}
+
+
+def test_replay_many_metrics_equals_live(
+    make_client: ClientFactory, exported: InMemorySpanExporter
+) -> None:
+    """A replay keeps the same metrics and payload keys as the live span."""
+    client = make_client()
+    with client.track_run("many-metrics", "job") as run:
+        run.log_event("rows", {f"col{number}": number for number in range(300)})
+        run.set_metrics(metrics_json={f"m{number}": number for number in range(300)})
+    live = {run_id: comparable(span) for run_id, span in run_spans(exported).items()}
+
+    assert replayed(client) == live
+
+
+def test_replay_event_limit_with_exception(
+    make_client: ClientFactory, exported: InMemorySpanExporter
+) -> None:
+    """With a full event list, the exception event takes one place, live and in replay, and
+    the replay counts only the events it sent."""
+    client = make_client()
+    run_id = client.start_run("full-events", "job")
+    for number in range(300):
+        client.log_event(run_id, f"step-{number}")
+    client.end_run(run_id, "failed", error_summary="ValueError: late failure")
+    live = run_spans(exported)[run_id]
+    exporter = InMemorySpanExporter()
+
+    result = replay_journal(JournalReader(client.config.ndjson_dir), exporter)
+    (span,) = exporter.get_finished_spans()
+
+    assert len(live.events) == 128
+    assert live.events[-1].name == "exception"
+    assert comparable(span) == comparable(live)
+    assert result.events == 127
+
+
+# --- OTLP headers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "headers", "invalid_positions"),
+    [
+        ("a=1,B=x%20y", {"a": "1", "b": "x y"}, []),
+        (" a = 1 , , b=2 ", {"a": "1", "b": "2"}, []),
+        ("Authorization: Bearer t", {}, [1]),
+        ("a=b,=t", {"a": "b"}, [2]),
+        ("t", {}, [1]),
+        ("a=x%0Ay,b=2", {"b": "2"}, [1]),
+        ("a b=1", {}, [1]),
+        ("a=b=c", {"a": "b=c"}, []),
+    ],
+)
+def test_otlp_headers_parse(
+    text: str, headers: dict[str, str], invalid_positions: list[int]
+) -> None:
+    """otlp_headers decodes name=value entries and returns the position of each invalid one."""
+    parsed = otlp_headers({"OTEL_EXPORTER_OTLP_HEADERS": text})
+
+    assert parsed.variable == "OTEL_EXPORTER_OTLP_HEADERS"
+    assert parsed.headers == headers
+    assert [position for position, _ in parsed.invalid] == invalid_positions
+
+
+def test_otlp_headers_traces_variable_wins() -> None:
+    """OTEL_EXPORTER_OTLP_TRACES_HEADERS replaces OTEL_EXPORTER_OTLP_HEADERS when set."""
+    parsed = otlp_headers(
+        {"OTEL_EXPORTER_OTLP_HEADERS": "a=1", "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "b=2"}
+    )
+
+    assert parsed.variable == "OTEL_EXPORTER_OTLP_TRACES_HEADERS"
+    assert parsed.headers == {"b": "2"}

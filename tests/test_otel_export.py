@@ -10,6 +10,7 @@ keep the agent from finishing or its runs from being stored.
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -237,7 +238,8 @@ def test_replay_equals_live(live_run: LiveRun, tmp_path: Path) -> None:
         replayed = decode_requests(second.requests)
 
     assert result.returncode == 0, result.stderr
-    assert "exported 4 runs with 2 events as spans" in result.stderr
+    assert "exported 4 runs with 2 events as spans" in result.stdout
+    assert result.stderr == ""
     assert sorted(map(without_instance_id, replayed), key=lambda span: span.name) == sorted(
         map(without_instance_id, live_spans), key=lambda span: span.name
     )
@@ -374,9 +376,11 @@ def test_collector_hangs_run_stored(tmp_path: Path) -> None:
         )
         ids, result = run_agent(environ)
         requests = len(server.requests)
+        endpoint = f"{server.base_url}/v1/traces"
 
     assert requests >= 1
-    assert "were not all exported to the collector within 0.2 s" in result.stderr
+    assert f"were not all exported to {endpoint} within 1.0 s" in result.stderr
+    assert "TELEMETRY_END_RUN_TIMEOUT (0.2 s)" in result.stderr
     assert journaled_run_ids(data_dir) == set(ids.values())
     assert stored_run_ids(data_dir) == set(ids.values())
 
@@ -528,3 +532,268 @@ def test_sdk_disabled_no_spans(tmp_path: Path, collector: ScriptedServer) -> Non
 
     assert collector.requests == []
     assert stored_run_ids(data_dir) == set(ids.values())
+
+
+# --- settings and process life ------------------------------------------------------------
+
+_TOKEN = "tok-5b0c2e8f"
+_ONE_RUN_SCRIPT = """
+import logging, sys
+if sys.argv[1] == "basic":
+    logging.basicConfig()
+from telemetry import TelemetryClient
+client = TelemetryClient()
+with client.track_run("one-run", "job"):
+    pass
+"""
+
+
+def run_script(
+    script: str, environ: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` with ``python -c`` and ARGS in ``environ``; fail on a non-zero exit."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.parametrize("logging_setup", ["none", "basic"])
+def test_invalid_header_masked(
+    tmp_path: Path, collector: ScriptedServer, logging_setup: str
+) -> None:
+    """An invalid OTEL_EXPORTER_OTLP_HEADERS entry is logged once without its value, and the
+    valid entries are sent."""
+    environ = otel_environment(
+        tmp_path / "store",
+        collector.base_url,
+        OTEL_EXPORTER_OTLP_HEADERS=f"Authorization: Bearer {_TOKEN}, x-api-key={HEADER_SECRET}",
+    )
+
+    result = run_script(_ONE_RUN_SCRIPT, environ, logging_setup)
+    (request,) = collector.requests
+
+    assert _TOKEN not in result.stderr
+    assert result.stderr.count("is not a valid name=value header") == 1
+    assert "entry 1 of OTEL_EXPORTER_OTLP_HEADERS (Authorization: ***)" in result.stderr
+    assert "authorization" not in request.headers
+    assert request.headers["x-api-key"] == HEADER_SECRET
+
+
+def test_invalid_traces_header_masked(tmp_path: Path, collector: ScriptedServer) -> None:
+    """OTEL_EXPORTER_OTLP_TRACES_HEADERS wins; its entries without a name or an = are masked
+    whole, and URL-encoded values are decoded."""
+    environ = otel_environment(
+        tmp_path / "store",
+        collector.base_url,
+        OTEL_EXPORTER_OTLP_TRACES_HEADERS=f"x-key=a%20b,={_TOKEN},{_TOKEN}",
+    )
+
+    result = run_script(_ONE_RUN_SCRIPT, environ, "basic")
+    (request,) = collector.requests
+
+    assert _TOKEN not in result.stderr
+    assert "entry 2 of OTEL_EXPORTER_OTLP_TRACES_HEADERS (***)" in result.stderr
+    assert "entry 3 of OTEL_EXPORTER_OTLP_TRACES_HEADERS (***)" in result.stderr
+    assert request.headers["x-key"] == "a b"
+    assert "x-api-key" not in request.headers
+
+
+def test_header_control_character_left_out(tmp_path: Path, collector: ScriptedServer) -> None:
+    """A header value that decodes to a control character is not sent, so the HTTP client's
+    error, which would show the value, never happens."""
+    environ = otel_environment(
+        tmp_path / "store",
+        collector.base_url,
+        OTEL_EXPORTER_OTLP_HEADERS=f"x-bad=ab%0A{_TOKEN},x-api-key={HEADER_SECRET}",
+    )
+
+    result = run_script(_ONE_RUN_SCRIPT, environ, "none")
+    (request,) = collector.requests
+
+    assert _TOKEN not in result.stderr
+    assert "entry 1 of OTEL_EXPORTER_OTLP_HEADERS (***)" in result.stderr
+    assert "x-bad" not in request.headers
+    assert request.headers["x-api-key"] == HEADER_SECRET
+
+
+def test_replay_invalid_header_masked(live_run: LiveRun, tmp_path: Path) -> None:
+    """A replay logs an invalid header entry without its value and still sends the runs."""
+    with ScriptedServer() as server:
+        environ = otel_environment(
+            tmp_path / "unused",
+            server.base_url,
+            OTEL_EXPORTER_OTLP_HEADERS=f"Authorization: Bearer {_TOKEN}",
+        )
+        result = replay(live_run.data_dir, environ)
+        spans = decode_requests(server.requests)
+
+    assert result.returncode == 0, result.stderr
+    assert _TOKEN not in result.stdout + result.stderr
+    assert "(Authorization: ***) is not a valid name=value header" in result.stderr
+    assert len(spans) == 4
+
+
+# A client, then the modules that its first run, the export and close() import.
+_IMPORTS_SCRIPT = """
+import json, sys
+from telemetry import TelemetryClient
+client = TelemetryClient()
+before = set(sys.modules)
+with client.track_run("imports", "job") as run:
+    run.log_event("step", {"n": 1})
+client.close()
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_first_run_imports_nothing(tmp_path: Path, collector: ScriptedServer) -> None:
+    """The client's constructor imports every module that the bridge's pipeline needs, so
+    that a fork during the first run cannot inherit a held import lock."""
+    result = run_script(_IMPORTS_SCRIPT, otel_environment(tmp_path / "store", collector.base_url))
+
+    assert orjson.loads(result.stdout) == []
+    assert len(decode_requests(collector.requests)) == 1
+
+
+# Threads start their first run spans, the first of which builds the bridge's pipeline,
+# while the main thread forks children. Each child records a span, shuts the bridge down
+# and exits; a child that hangs is killed by its alarm, and counted. The script drives
+# the bridge without a client, because a fork while another thread is inside SQLite can
+# hang the child's index for reasons of its own.
+_FORK_SCRIPT = """
+import json, os, signal, sys, threading, time
+from telemetry import RunRecord, TelemetryConfig
+from telemetry.otel import open_bridge
+
+START = "2026-12-04T10:00:00+00:00"
+bridge = open_bridge(TelemetryConfig(otel=True))
+go = threading.Event()
+
+def record_span(name):
+    record = RunRecord(run_id=name, agent_name=name, job_type="job", start_time=START)
+    bridge.start_run(record)
+    record.status, record.end_time = "success", START
+    bridge.end_run(record)
+
+def work(number):
+    go.wait()
+    record_span(f"parent-{number}")
+
+threads = [threading.Thread(target=work, args=(number,)) for number in range(4)]
+for thread in threads:
+    thread.start()
+go.set()
+children = []
+for number in range(int(sys.argv[1])):
+    time.sleep(0.002)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)
+        record_span(f"child-{number}")
+        bridge.shutdown()
+        os._exit(0)
+    children.append(pid)
+statuses = [os.waitpid(pid, 0)[1] for pid in children]
+for thread in threads:
+    thread.join()
+print(json.dumps([status for status in statuses if status != 0]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_during_first_run(tmp_path: Path, collector: ScriptedServer) -> None:
+    """Children forked while the parent's threads start their first runs do not hang."""
+    environ = otel_environment(tmp_path / "store", collector.base_url)
+
+    result = run_script(_FORK_SCRIPT, environ, "30")
+
+    assert orjson.loads(result.stdout) == []
+
+
+def test_zero_timeout_spans_exported(tmp_path: Path, collector: ScriptedServer) -> None:
+    """With TELEMETRY_END_RUN_TIMEOUT=0 the exit still flushes the spans of a short program."""
+    environ = otel_environment(
+        tmp_path / "store", collector.base_url, TELEMETRY_END_RUN_TIMEOUT="0"
+    )
+
+    ids, result = run_agent(environ)
+    spans = decode_requests(collector.requests)
+
+    assert {span.attribute("agent_telemetry.run_id") for span in spans} == set(ids.values())
+    assert "were not all exported" not in result.stderr
+
+
+def test_zero_timeout_warning_names_setting(tmp_path: Path) -> None:
+    """When the exit's bound runs out with TELEMETRY_END_RUN_TIMEOUT=0, the WARNING names
+    that setting."""
+    with ScriptedServer() as server:
+        server.hang(times=20)
+        environ = otel_environment(
+            tmp_path / "store",
+            server.base_url,
+            OTEL_EXPORTER_OTLP_TIMEOUT="30",
+            TELEMETRY_END_RUN_TIMEOUT="0",
+        )
+        _, result = run_agent(environ)
+
+    assert "within 1.0 s" in result.stderr
+    assert "the larger of TELEMETRY_END_RUN_TIMEOUT (0 s) and 1 s" in result.stderr
+
+
+# Clients dropped without close(): each bridge's pipeline must be shut down once the
+# bridge is collected, not at exit. Waits at most 30 s for the processor threads to end.
+_DROPPED_SCRIPT = """
+import gc, json, threading, time
+from telemetry import TelemetryClient
+
+def processors():
+    return [t for t in threading.enumerate() if t.name.startswith("OtelBatchSpan")]
+
+for number in range(3):
+    client = TelemetryClient()
+    with client.track_run("dropped", f"job{number}"):
+        pass
+    del client
+gc.collect()
+deadline = time.monotonic() + 30
+while processors() and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(json.dumps(len(processors())), flush=True)
+"""
+
+
+def test_dropped_client_pipeline_shut_down(tmp_path: Path, collector: ScriptedServer) -> None:
+    """A client dropped without close() has its span pipeline flushed and shut down when it
+    is collected, before the exit."""
+    result = run_script(_DROPPED_SCRIPT, otel_environment(tmp_path / "store", collector.base_url))
+    spans = decode_requests(collector.requests)
+
+    assert orjson.loads(result.stdout) == 0
+    assert sorted(span.name for span in spans) == ["dropped job0", "dropped job1", "dropped job2"]
+
+
+_DROPPED_AT_EXIT_SCRIPT = """
+from telemetry import TelemetryClient
+for number in range(3):
+    client = TelemetryClient()
+    with client.track_run("dropped", f"job{number}"):
+        pass
+    del client
+"""
+
+
+def test_dropped_client_spans_at_exit(tmp_path: Path, collector: ScriptedServer) -> None:
+    """Spans of clients dropped just before the exit still reach the collector: the exit
+    waits for the shutdowns that their collection started."""
+    run_script(_DROPPED_AT_EXIT_SCRIPT, otel_environment(tmp_path / "store", collector.base_url))
+    spans = decode_requests(collector.requests)
+
+    assert sorted(span.name for span in spans) == ["dropped job0", "dropped job1", "dropped job2"]

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from telemetry.cli._context import EXIT_OK, CommandContext, CommandError, UsageError
 from telemetry.cli._output import plural, print_json
@@ -46,10 +46,8 @@ def export_otlp(
         if getattr(args, name):
             raise UsageError(f"{option} writes a file, so it cannot go with --otlp: pass only one")
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
         from telemetry.otel._replay import ReplayError, replay_journal
-        from telemetry.otel._setup import traces_endpoint
+        from telemetry.otel._setup import build_exporter, traces_endpoint
     except ImportError as exc:
         raise CommandError(
             f"--otlp needs OpenTelemetry, which cannot be imported ({exc}): install it with "
@@ -67,7 +65,7 @@ def export_otlp(
 
     with _collected_otel_errors() as errors:
         try:
-            exporter = OTLPSpanExporter(endpoint=endpoint)
+            exporter = build_exporter(endpoint)
         except Exception as exc:
             raise CommandError(
                 f"cannot create the OTLP exporter for {shown_endpoint}: "
@@ -96,29 +94,30 @@ def export_otlp(
             shutdown: Callable[[], object] = exporter.shutdown  # declared without types
             shutdown()
 
+    # The summary goes to stdout: unlike a file export, this command writes no data there.
     if args.json:
         print_json({"endpoint": shown_endpoint, **result._asdict()}, context.out)
     else:
         print(
             f"exported {plural(result.runs, 'run')} with {plural(result.events, 'event')} as "
             f"spans to {shown_endpoint}",
-            file=context.err,
+            file=context.out,
         )
         if result.skipped_running:
             print(
                 f"skipped {plural(result.skipped_running, 'run')} still running, which have "
                 "no end yet",
-                file=context.err,
+                file=context.out,
             )
         if result.skipped_invalid:
             print(
                 f"skipped {plural(result.skipped_invalid, 'ended run')} without a valid end time",
-                file=context.err,
+                file=context.out,
             )
         if result.skipped_events:
             print(
                 f"skipped {plural(result.skipped_events, 'invalid event line')}",
-                file=context.err,
+                file=context.out,
             )
     return EXIT_OK
 
@@ -147,13 +146,19 @@ def _selector(filters: Mapping[str, Any]) -> Callable[[RunRecord], bool]:
 
 
 def _masked(message: str, endpoint: str) -> str:
-    """Return ``message`` with the endpoint's credentials and the OTLP header values masked."""
+    """Return ``message`` with the endpoint's credentials and the OTLP header values masked.
+
+    An invalid header entry, such as ``Authorization: Bearer TOKEN``, is masked whole.
+    """
+    from telemetry.otel._setup import HEADERS_VARIABLES
+
     secrets = url_secrets(endpoint)
-    for name in ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"):
-        for pair in os.environ.get(name, "").split(","):
-            _, _, value = pair.partition("=")
-            if value.strip():
-                secrets.append(value.strip())
+    for name in HEADERS_VARIABLES:
+        for entry in os.environ.get(name, "").split(","):
+            _, separator, value = entry.partition("=")
+            secret = value.strip() if separator else entry.strip()
+            if secret:
+                secrets.extend((secret, unquote(secret)))
     for secret in sorted(set(secrets), key=len, reverse=True):
         message = message.replace(secret, "***")
     return " ".join(message.split())

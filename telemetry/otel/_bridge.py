@@ -10,9 +10,12 @@ the processor's thread.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import queue
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -26,21 +29,38 @@ from telemetry._logutil import RepeatLimiter
 from telemetry.config import mask_url
 from telemetry.models import RunRecord
 from telemetry.otel._ids import OTEL_CONTEXT_EVENT, SpanParent, run_trace_id
-from telemetry.otel._setup import OwnPipeline, build_pipeline, shut_down_within
+from telemetry.otel._mapping import DROPPED_ATTRIBUTES
+from telemetry.otel._setup import (
+    OwnPipeline,
+    build_pipeline,
+    import_lazy_modules,
+    shut_down_within,
+)
 from telemetry.otel._spans import (
+    AttributeLimits,
     add_run_event,
+    attribute_limits,
     end_run_span,
     install_id_generator,
     parent_context,
     start_run_span,
 )
 
-__all__ = ["INSTRUMENTATION_NAME", "OTelBridge"]
+__all__ = ["INSTRUMENTATION_NAME", "MIN_FLUSH_TIMEOUT", "OTelBridge", "flush_bound"]
 
 logger = logging.getLogger("telemetry.otel")
 
 INSTRUMENTATION_NAME = "agent-telemetry"
 """The instrumentation scope of the run spans."""
+MIN_FLUSH_TIMEOUT = 1.0
+"""Seconds that close() and the exit give the own pipeline at least, whatever
+end_run_timeout is: with 0, a program that ends within the batch processor's delay
+would otherwise export no span at all."""
+
+
+def flush_bound(end_run_timeout: float) -> float:
+    """Return the seconds that close() and the exit wait for the own pipeline to export."""
+    return max(end_run_timeout, MIN_FLUSH_TIMEOUT)
 
 
 class OTelBridge:
@@ -52,20 +72,30 @@ class OTelBridge:
     bridge builds its own, which exports over OTLP/HTTP (see telemetry.otel._setup) and
     is not made the global provider.
 
+    The constructor imports every module that the pipeline needs, so that the first
+    start_run imports nothing: a fork in another thread during an import would leave the
+    child waiting for that module's import lock forever.
+
     Args:
-        flush_timeout: seconds that shutdown waits for the own pipeline to export.
+        flush_timeout: the client's end_run_timeout. Shutdown waits flush_bound(flush_timeout)
+            seconds for the own pipeline to export.
         tracer_provider: a provider to use in place of the global one.
     """
 
     def __init__(
         self, flush_timeout: float, tracer_provider: trace.TracerProvider | None = None
     ) -> None:
+        import_lazy_modules()
         self._flush_timeout = flush_timeout
         self._provider = tracer_provider
+        self._limits = AttributeLimits()
+        # Runs whose dropped attributes were logged, so that each run is logged once.
+        self._truncated_runs: set[str] = set()
         self._lock = threading.Lock()
         self._spans: dict[str, Span] = {}
         self._tracer: Tracer | None = None
         self._pipeline: OwnPipeline | None = None
+        self._finalizer: weakref.finalize[[OwnPipeline, float], OTelBridge] | None = None
         self._failed = False
         self._closed = False
         self._repeats = RepeatLimiter()
@@ -103,7 +133,7 @@ class OTelBridge:
             if tracer is None:
                 return None
             parent, context, journaled = self._parent_of(record)
-            span = start_run_span(tracer, record, parent, context)
+            span = start_run_span(tracer, record, parent, context, self._limits)
             with self._lock:
                 self._spans[record.run_id] = span
         except Exception as exc:
@@ -122,9 +152,12 @@ class OTelBridge:
         if span is None:
             return
         try:
-            add_run_event(span, event_type, timestamp, payload)
+            dropped = add_run_event(span, event_type, timestamp, payload, self._limits)
         except Exception as exc:
             self._log_fault("add an event to the span of", run_id, exc)
+            return
+        if dropped:
+            self._log_truncated(run_id, dropped, f"the event {event_type!r}", "EVENT")
 
     def end_run(self, record: RunRecord) -> None:
         """End the span of a run with its final record; a run without a span is ignored.
@@ -133,12 +166,17 @@ class OTelBridge:
         """
         with self._lock:
             span = self._spans.pop(record.run_id, None)
+            truncated = record.run_id in self._truncated_runs
+            self._truncated_runs.discard(record.run_id)
         if span is None:
             return
         try:
-            end_run_span(span, record)
+            dropped = end_run_span(span, record, self._limits)
         except Exception as exc:
             self._log_fault("end the span of", record.run_id, exc)
+            return
+        if dropped and not truncated:
+            self._log_truncated(record.run_id, dropped, "its span", "SPAN")
 
     def shutdown(self) -> None:
         """Drop the spans of runs still open, and flush the own pipeline within the bound.
@@ -153,7 +191,11 @@ class OTelBridge:
             self._closed = True
             dropped = len(self._spans)
             self._spans.clear()
+            self._truncated_runs.clear()
             pipeline = self._pipeline
+            finalizer = self._finalizer
+        if finalizer is not None:
+            finalizer.detach()
         if dropped:
             logger.info("%d run spans were not ended, because their runs ended elsewhere", dropped)
         if pipeline is not None:
@@ -168,10 +210,14 @@ class OTelBridge:
             if self._tracer is not None:
                 return self._tracer
             try:
+                # NOTE: an application's provider built with span_limits= in code has
+                # limits that the SDK does not make public, so the bridge caps the
+                # attributes at the limits from the environment.
+                self._limits = attribute_limits()
                 provider = self._provider or trace.get_tracer_provider()
                 if isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider)):
                     self._pipeline = build_pipeline()
-                    _flush_at_exit(self._pipeline, self._flush_timeout, self)
+                    self._finalizer = _flush_at_exit(self._pipeline, self._flush_timeout, self)
                     provider = self._pipeline.provider
                     logger.info(
                         "sending the spans of runs to %s over OTLP/HTTP",
@@ -240,47 +286,171 @@ class OTelBridge:
             exc,
         )
 
+    def _log_truncated(self, run_id: str, dropped: int, where: str, kind: str) -> None:
+        """Log once per run that ``dropped`` attributes were left out of ``where``.
+
+        ``kind`` is SPAN or EVENT, as in the name of the limit's variable.
+        """
+        with self._lock:
+            if run_id in self._truncated_runs:
+                return
+            if run_id in self._spans:
+                self._truncated_runs.add(run_id)
+        limit = self._limits.span if kind == "SPAN" else self._limits.event
+        self._repeats.log(
+            logger,
+            logging.WARNING,
+            ("truncated", kind),
+            "run %s: %d attributes were left out of %s, which keeps at most %s "
+            "(OTEL_%s_ATTRIBUTE_COUNT_LIMIT). The attribute %s counts them, and the journal "
+            "keeps every value%s",
+            run_id,
+            dropped,
+            where,
+            limit,
+            kind,
+            DROPPED_ATTRIBUTES,
+            "" if kind == "SPAN" else "; further truncations in this run are not logged",
+        )
+
     def _reset_in_child(self) -> None:
         # The parent's open runs are the parent's: the child must not end their spans.
         self._lock = threading.Lock()
         self._spans = {}
+        self._truncated_runs = set()
 
 
-# The own pipelines not shut down yet, with their flush timeouts and bridges. The client
-# closes its bridge at exit, which first ends the client's open runs as abandoned and then
-# flushes. A client that the program dropped without close() is gone by then, and so is
-# its bridge, but its spans are still queued in its pipeline, which this exit hook
-# flushes. It leaves the pipelines of live bridges to their clients, whichever of the two
-# exit hooks runs first.
+# The own pipelines not shut down yet, with their clients' end_run_timeout and bridges.
+# The client closes its bridge at exit, which first ends the client's open runs as
+# abandoned and then flushes. A bridge that the program dropped without close() is
+# garbage collected, and its finalizer hands its pipeline to the reaper thread, which
+# shuts it down. The exit hook shuts down what is left of the pipelines of dropped
+# bridges, and leaves those of live bridges to their clients, whichever of the two exit
+# hooks runs first.
 _open_pipelines: dict[OwnPipeline, tuple[float, weakref.ref[OTelBridge]]] = {}
 _pipelines_lock = threading.Lock()
 _exit_hook_registered = False
+# Pipelines of collected bridges, for the reaper. A finalizer may run inside any code
+# that allocates, even while this thread holds a lock, so it only puts the pipeline
+# here: SimpleQueue.put takes no lock that such code could hold. None wakes the reaper
+# to check whether any pipeline is left.
+_dropped_pipelines: queue.SimpleQueue[tuple[OwnPipeline, float] | None] = queue.SimpleQueue()
+_reaper: threading.Thread | None = None
+# The shutdowns in progress: an event set when each ends, and its deadline on the
+# monotonic clock.
+_running_shutdowns: dict[threading.Event, float] = {}
 
 
-def _flush_at_exit(pipeline: OwnPipeline, timeout: float, bridge: OTelBridge) -> None:
+def _flush_at_exit(
+    pipeline: OwnPipeline, timeout: float, bridge: OTelBridge
+) -> weakref.finalize[[OwnPipeline, float], OTelBridge]:
+    """Register ``pipeline`` to be shut down when ``bridge`` is collected, or at exit.
+
+    Returns the finalizer, which the bridge detaches when it shuts the pipeline down itself.
+    """
     global _exit_hook_registered
+    finalizer = weakref.finalize(bridge, _hand_over, pipeline, timeout)
+    # The exit hook, not the finalizer, handles the bridges still alive at exit.
+    finalizer.atexit = False
     with _pipelines_lock:
         _open_pipelines[pipeline] = (timeout, weakref.ref(bridge))
         if not _exit_hook_registered:
             atexit.register(_shut_down_dropped_pipelines)
             _exit_hook_registered = True
+        _start_reaper()
+    return finalizer
 
 
-def _shut_down(pipeline: OwnPipeline, timeout: float) -> None:
-    """Shut a pipeline down within ``timeout`` s, once; log when spans may be lost."""
+def _hand_over(pipeline: OwnPipeline, timeout: float) -> None:
+    # Looks the queue up at each call, because a forked child gets a new one.
+    _dropped_pipelines.put((pipeline, timeout))
+
+
+def _start_reaper() -> None:
+    """Start the reaper thread unless it is running. The caller holds _pipelines_lock."""
+    global _reaper
+    if _reaper is not None and _reaper.is_alive():
+        return
+    _reaper = threading.Thread(target=_reap, name="telemetry-otel-reaper", daemon=True)
+    _reaper.start()
+
+
+def _reap() -> None:
+    """Shut down the pipelines of collected bridges, each in a thread of its own.
+
+    Returns when no own pipeline is open, so a process whose clients are closed keeps
+    no thread. _flush_at_exit starts it again for the next pipeline.
+    """
+    global _reaper
+    while True:
+        item = _dropped_pipelines.get()
+        if item is not None:
+            pipeline, timeout = item
+            # start() raises RuntimeError once the interpreter is shutting down, and by
+            # then the exit hook has shut down the pipelines of collected bridges.
+            with contextlib.suppress(RuntimeError):
+                threading.Thread(
+                    target=_shut_down,
+                    args=(pipeline, timeout),
+                    name="telemetry-otel-dropped",
+                    daemon=True,
+                ).start()
+        with _pipelines_lock:
+            if not _open_pipelines and _dropped_pipelines.empty():
+                _reaper = None
+                return
+
+
+def _shut_down(pipeline: OwnPipeline, end_run_timeout: float) -> None:
+    """Shut a pipeline down within flush_bound(end_run_timeout), once.
+
+    Logs a WARNING that names the likely cause when spans may be lost.
+    """
+    bound = flush_bound(end_run_timeout)
+    done = threading.Event()
     with _pipelines_lock:
         if _open_pipelines.pop(pipeline, None) is None:
             return
-    if not shut_down_within(pipeline.processor, timeout):
-        logger.warning(
-            "the OpenTelemetry spans of runs were not all exported to the collector "
-            "within %.1f s, so some may be lost: check the collector, then send the runs "
-            "again with 'telemetry export --otlp'",
-            timeout,
+        if not _open_pipelines:
+            _dropped_pipelines.put(None)
+        _running_shutdowns[done] = time.monotonic() + bound
+    try:
+        finished = shut_down_within(pipeline.processor, bound)
+    finally:
+        done.set()
+        with _pipelines_lock:
+            _running_shutdowns.pop(done, None)
+    if finished:
+        return
+    if pipeline.exporter.failed_exports:
+        cause = "the collector failed exports, as logged before, so check it"
+    elif bound > end_run_timeout:
+        # The bound was the floor, so the user's 0 (or tiny) setting is the likely cause.
+        cause = (
+            f"close() and the exit wait the larger of TELEMETRY_END_RUN_TIMEOUT "
+            f"({end_run_timeout:g} s) and {MIN_FLUSH_TIMEOUT:g} s, so raise "
+            "TELEMETRY_END_RUN_TIMEOUT if the collector needs more time"
         )
+    else:
+        cause = (
+            "the collector did not respond in time, so check it, or raise "
+            f"TELEMETRY_END_RUN_TIMEOUT (now {end_run_timeout:g} s)"
+        )
+    logger.warning(
+        "the OpenTelemetry spans of runs were not all exported to %s within %.1f s, so "
+        "some may be lost: %s. Then send the runs again with 'telemetry export --otlp'",
+        pipeline.exporter.shown_endpoint,
+        bound,
+        cause,
+    )
 
 
 def _shut_down_dropped_pipelines() -> None:
+    """Shut down the pipelines of collected bridges, and wait for the reaper's shutdowns.
+
+    A shutdown that the reaper started runs in a daemon thread, which the exit would
+    otherwise cut short. The wait for it ends at that shutdown's own bound.
+    """
     with _pipelines_lock:
         dropped = [
             (pipeline, timeout)
@@ -289,12 +459,22 @@ def _shut_down_dropped_pipelines() -> None:
         ]
     for pipeline, timeout in dropped:
         _shut_down(pipeline, timeout)
+    with _pipelines_lock:
+        running = list(_running_shutdowns.items())
+    for done, deadline in running:
+        done.wait(max(deadline - time.monotonic(), 0.0))
 
 
 def _reset_lock_in_child() -> None:
-    # A fork while another thread holds the lock would leave it held forever in the child.
-    global _pipelines_lock
+    # A fork while another thread holds the lock would leave it held forever in the child,
+    # and so could a fork during a put into the queue. The reaper thread does not exist
+    # in the child: the next _flush_at_exit starts one, and the exit hook shuts down the
+    # pipelines of bridges collected before that.
+    global _pipelines_lock, _reaper, _dropped_pipelines, _running_shutdowns
     _pipelines_lock = threading.Lock()
+    _dropped_pipelines = queue.SimpleQueue()
+    _reaper = None
+    _running_shutdowns = {}
 
 
 if hasattr(os, "register_at_fork"):

@@ -21,12 +21,14 @@ from telemetry.models import RunRecord, parse_timestamp
 
 __all__ = [
     "ATTRIBUTE_PREFIX",
+    "DROPPED_ATTRIBUTES",
     "ERROR_STATUSES",
     "EXCEPTION_EVENT",
     "IDENTITY_FIELDS",
     "METRICS_PREFIX",
     "RUN_FIELDS",
     "AttributeValue",
+    "cap_attributes",
     "event_attributes",
     "exception_attributes",
     "identity_attributes",
@@ -53,6 +55,8 @@ ATTRIBUTE_PREFIX = "agent_telemetry."
 METRICS_PREFIX = ATTRIBUTE_PREFIX + "metrics."
 EXCEPTION_EVENT = "exception"
 EMPTY_KEY = "(empty)"
+DROPPED_ATTRIBUTES = ATTRIBUTE_PREFIX + "dropped_attributes_count"
+"""The attribute that counts the attributes of a span or event left out by cap_attributes."""
 
 # Statuses whose span has the status ERROR. A partial run did its work with some items
 # failed: its span is OK, and its status attribute and item counts show the failures.
@@ -136,6 +140,25 @@ def run_attributes(record: RunRecord) -> dict[str, AttributeValue]:
             else:
                 attributes[METRICS_PREFIX + key_text] = _json_text(value)
     return attributes
+
+
+def cap_attributes(
+    attributes: dict[str, AttributeValue], limit: int | None
+) -> tuple[dict[str, AttributeValue], int]:
+    """Keep the first attributes that fit in ``limit``; return them and how many were left out.
+
+    When there are more than ``limit`` attributes, the first ``limit - 1`` are kept and
+    DROPPED_ATTRIBUTES, the count of those left out, takes the last place. The SDK would
+    otherwise drop the oldest attributes, logging a WARNING for each. None is no limit.
+    """
+    if limit is None or len(attributes) <= limit:
+        return attributes, 0
+    kept_count = max(limit - 1, 0)
+    kept = dict(list(attributes.items())[:kept_count])
+    dropped = len(attributes) - kept_count
+    if limit > 0:
+        kept[DROPPED_ATTRIBUTES] = dropped
+    return kept, dropped
 
 
 def event_attributes(payload: Mapping[str, Any]) -> dict[str, AttributeValue]:

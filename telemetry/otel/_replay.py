@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from telemetry import __version__
 from telemetry._dates import utc_date
+from telemetry._logutil import RepeatLimiter
 from telemetry.errors import TelemetryError
 from telemetry.journal import JournalReader
 from telemetry.models import RunRecord, parse_timestamp
@@ -33,10 +35,19 @@ from telemetry.otel._ids import (
     parse_context_payload,
     resolve_parents,
 )
+from telemetry.otel._mapping import DROPPED_ATTRIBUTES, exception_attributes
 from telemetry.otel._setup import build_replay_provider
-from telemetry.otel._spans import add_run_event, end_run_span, parent_context, start_run_span
+from telemetry.otel._spans import (
+    add_run_event,
+    attribute_limits,
+    end_run_span,
+    parent_context,
+    start_run_span,
+)
 
 __all__ = ["REPLAY_BATCH_SIZE", "ReplayError", "ReplayResult", "replay_journal"]
+
+logger = logging.getLogger("telemetry.otel")
 
 REPLAY_BATCH_SIZE = 512
 """Runs per export request; the SDK's batch span processor sends 512 spans at most too."""
@@ -52,7 +63,8 @@ class ReplayResult(NamedTuple):
     runs: int
     """Runs exported as spans."""
     events: int
-    """Events exported as span events, the exception events not counted."""
+    """Events exported as span events, the exception events not counted. Events beyond
+    the span's event limit, which are left out, are not counted either."""
     skipped_running: int
     """Selected runs that have not ended, which get no span."""
     skipped_events: int
@@ -123,7 +135,11 @@ def replay_journal(
 
     parent_run_ids = {run_id: run.parent_run_id for run_id, run in runs.items()}
     contexts: dict[str, SpanParent] = {}
-    events_limit = SpanLimits().max_events or _UNBOUNDED_EVENTS_CAP
+    events_limit = SpanLimits().max_events
+    if events_limit is None:
+        events_limit = _UNBOUNDED_EVENTS_CAP
+    limits = attribute_limits()
+    repeats = RepeatLimiter()
     provider = build_replay_provider()
     collector = _CollectingProcessor()
     provider.add_span_processor(collector)
@@ -140,15 +156,37 @@ def replay_journal(
                 skipped_invalid += 1
                 continue
             parent = parents[run.run_id]
-            span = start_run_span(tracer, run, parent, parent_context(parent))
-            for event in batch_events.get(run.run_id, ()):
+            span = start_run_span(tracer, run, parent, parent_context(parent), limits)
+            run_events = list(batch_events.get(run.run_id, ()))
+            if exception_attributes(run) is not None and len(run_events) >= events_limit:
+                # The exception event takes one place of the limit, as on the live span.
+                keep = max(events_limit - 1, 0)
+                run_events = run_events[len(run_events) - keep :]
+            dropped = 0
+            for event in run_events:
                 try:
-                    add_run_event(span, event["event_type"], event["timestamp"], event["payload"])
+                    dropped += add_run_event(
+                        span, event["event_type"], event["timestamp"], event["payload"], limits
+                    )
                 except (KeyError, TypeError, ValueError):
                     batch_skipped += 1
                     continue
                 batch_added += 1
-            end_run_span(span, run)
+            dropped += end_run_span(span, run, limits)
+            if dropped:
+                repeats.log(
+                    logger,
+                    logging.WARNING,
+                    "truncated",
+                    "run %s: %d attributes were left out of its span and events, which keep "
+                    "at most %s and %s (OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT and "
+                    "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT); the attribute %s counts them",
+                    run.run_id,
+                    dropped,
+                    limits.span,
+                    limits.event,
+                    DROPPED_ATTRIBUTES,
+                )
 
         spans, collector.spans = collector.spans, []
         reason = ""

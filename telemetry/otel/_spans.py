@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.trace import SpanLimits
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -35,6 +36,7 @@ from telemetry.models import RunRecord
 from telemetry.otel._ids import SpanParent, run_span_id
 from telemetry.otel._mapping import (
     EXCEPTION_EVENT,
+    cap_attributes,
     event_attributes,
     exception_attributes,
     identity_attributes,
@@ -46,8 +48,11 @@ from telemetry.otel._mapping import (
 )
 
 __all__ = [
+    "DEFAULT_ATTRIBUTE_COUNT_LIMIT",
+    "AttributeLimits",
     "RunIdGenerator",
     "add_run_event",
+    "attribute_limits",
     "end_run_span",
     "install_id_generator",
     "parent_context",
@@ -58,6 +63,31 @@ __all__ = [
 _pending_ids: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
     "agent_telemetry_pending_span_ids", default=None
 )
+
+
+DEFAULT_ATTRIBUTE_COUNT_LIMIT = 128
+"""The SDK's default for the span and event attribute count limits."""
+
+
+class AttributeLimits(NamedTuple):
+    """The attribute count limits of a span and of an event; None is no limit."""
+
+    span: int | None = DEFAULT_ATTRIBUTE_COUNT_LIMIT
+    event: int | None = DEFAULT_ATTRIBUTE_COUNT_LIMIT
+
+
+def attribute_limits() -> AttributeLimits:
+    """Return the attribute count limits that the SDK reads from the environment.
+
+    They are OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT and OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT, each
+    falling back to OTEL_ATTRIBUTE_COUNT_LIMIT and then to 128. When a value is invalid
+    the SDK rejects it, and the defaults are returned.
+    """
+    try:
+        limits = SpanLimits()
+    except ValueError:
+        return AttributeLimits()
+    return AttributeLimits(limits.max_span_attributes, limits.max_event_attributes)
 
 
 class RunIdGenerator(IdGenerator):
@@ -123,7 +153,11 @@ def parent_context(parent: SpanParent) -> Context | None:
 
 
 def start_run_span(
-    tracer: Tracer, record: RunRecord, parent: SpanParent, context: Context | None
+    tracer: Tracer,
+    record: RunRecord,
+    parent: SpanParent,
+    context: Context | None,
+    limits: AttributeLimits,
 ) -> Span:
     """Start the span of ``record``, with the run's start time and identity attributes.
 
@@ -133,39 +167,60 @@ def start_run_span(
         parent: the span's trace and parent, as SpanParent decides them.
         context: the context to start the span in. For a root span (no parent span id)
             it is replaced by an empty context, so that no active span becomes its parent.
+        limits: the attribute limits. Under a span limit of 5 or less, the identity
+            attributes are cut, so that DROPPED_ATTRIBUTES fits in at the end.
 
     Raises:
         ValueError: the run's start_time is not ISO 8601 with an offset.
     """
     if parent.parent_span_id is None:
         context = Context()
+    attributes = identity_attributes(record)
+    if limits.span is not None:
+        # end_run_span keeps a prefix of the same attributes, so nothing set here is
+        # pushed out at the end.
+        attributes = dict(list(attributes.items())[: max(limits.span - 1, 0)])
     token = _pending_ids.set((parent.trace_id, run_span_id(record.run_id)))
     try:
         return tracer.start_span(
             span_name(record),
             context=context,
             kind=SpanKind.INTERNAL,
-            attributes=identity_attributes(record),
+            attributes=attributes,
             start_time=timestamp_ns(record.start_time),
         )
     finally:
         _pending_ids.reset(token)
 
 
-def add_run_event(span: Span, event_type: str, timestamp: str, payload: Mapping[str, Any]) -> None:
+def add_run_event(
+    span: Span,
+    event_type: str,
+    timestamp: str,
+    payload: Mapping[str, Any],
+    limits: AttributeLimits,
+) -> int:
     """Add an event of the run to its span, with the payload flattened to attributes.
+
+    Returns how many attributes were left out to stay within ``limits.event``; the event
+    then counts them in DROPPED_ATTRIBUTES (see cap_attributes).
 
     Raises:
         ValueError: ``timestamp`` is not ISO 8601 with an offset.
     """
-    span.add_event(text(event_type), event_attributes(payload), timestamp=timestamp_ns(timestamp))
+    when = timestamp_ns(timestamp)
+    attributes, dropped = cap_attributes(event_attributes(payload), limits.event)
+    span.add_event(text(event_type), attributes, timestamp=when)
+    return dropped
 
 
-def end_run_span(span: Span, record: RunRecord) -> None:
+def end_run_span(span: Span, record: RunRecord, limits: AttributeLimits) -> int:
     """Set the final attributes and status of a run's span, and end it at the run's end.
 
     An error status adds the exception event first, dated at the run's end. A span
     that would end before it starts, after a step back of the clock, ends at its start.
+    Returns how many attributes were left out to stay within ``limits.span``: the run
+    fields come first, then the metrics (see cap_attributes).
 
     Raises:
         ValueError: a time of the run is missing or not ISO 8601 with an offset.
@@ -176,11 +231,14 @@ def end_run_span(span: Span, record: RunRecord) -> None:
     end = max(timestamp_ns(record.end_time), start)
     exception = exception_attributes(record)
     if exception is not None:
+        exception, _ = cap_attributes(exception, limits.event)
         span.add_event(EXCEPTION_EVENT, exception, timestamp=end)
-    span.set_attributes(run_attributes(record))
+    attributes, dropped = cap_attributes(run_attributes(record), limits.span)
+    span.set_attributes(attributes)
     is_error, description = span_status(record)
     if is_error:
         span.set_status(Status(StatusCode.ERROR, description))
     else:
         span.set_status(Status(StatusCode.OK))
     span.end(end_time=end)
+    return dropped
