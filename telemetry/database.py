@@ -358,16 +358,29 @@ class _ForkGate:
         self._condition = threading.Condition(threading.Lock())
         self._active = 0
         self._forking = False
+        # How deep each thread is inside the gate. A thread inside enters again at once,
+        # so that a fork waiting for it to leave cannot also keep it from leaving.
+        self._depth = threading.local()
 
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
+        depth = getattr(self._depth, "value", 0)
+        if depth:
+            self._depth.value = depth + 1
+            try:
+                yield
+            finally:
+                self._depth.value = depth
+            return
         with self._condition:
             while self._forking:
                 self._condition.wait()
             self._active += 1
+        self._depth.value = 1
         try:
             yield
         finally:
+            self._depth.value = 0
             with self._condition:
                 self._active -= 1
                 if self._active == 0:
@@ -1041,7 +1054,8 @@ class DatabaseWriter:
             self._open_connections = [entry for entry in self._open_connections if entry.pid != pid]
         for entry in closing:
             try:
-                entry.connection.close()
+                with _fork_gate.entered():
+                    entry.connection.close()
             except sqlite3.Error as exc:
                 logger.warning("cannot close a connection to %s: %s", self.path, exc)
 
@@ -1171,7 +1185,8 @@ class DatabaseWriter:
                 self._open_connections = [
                     entry for entry in self._open_connections if entry.connection is not current
                 ]
-            current.close()
+            with _fork_gate.entered():
+                current.close()
             state.connection = None
 
         # In a forked child the inherited connection is replaced but stays referenced in
@@ -1179,7 +1194,7 @@ class DatabaseWriter:
         # NOTE: a child that ends through normal interpreter shutdown still deallocates
         # it; a child that ends with os._exit, as multiprocessing's fork workers do, does not.
         generation = self._generation
-        connection = self._retry_while_locked("open connection", None, self._open)
+        connection = self._retry_while_locked("open connection", None, self._open_in_gate)
         with self._lock:
             finished = [
                 entry
@@ -1192,12 +1207,19 @@ class DatabaseWriter:
             self._open_connections.append(
                 _OpenConnection(connection, pid, threading.current_thread())
             )
-        for entry in finished:
-            entry.connection.close()
+        with _fork_gate.entered():
+            for entry in finished:
+                entry.connection.close()
         state.connection = connection
         state.pid = pid
         state.generation = generation
         return connection
+
+    def _open_in_gate(self) -> sqlite3.Connection:
+        # SQLite holds process-wide mutexes while it opens a file, so a fork in the middle
+        # of an open in another thread would leave them held in the child.
+        with _fork_gate.entered():
+            return self._open()
 
     def _open(self) -> sqlite3.Connection:
         """Open a connection to ``path`` and set the pragmas every connection needs.

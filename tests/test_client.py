@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -873,6 +874,51 @@ def test_fork_while_lock_held(tmp_path: Path) -> None:
     client.close()
 
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+FORK_STORM = """
+    import json, os, sys, threading, time
+    from telemetry import TelemetryClient
+
+    client = TelemetryClient()
+    client.get_stats()
+    go = threading.Event()
+
+    def work(number):
+        go.wait()
+        with client.track_run("fork-parent", f"t{number}"):
+            pass
+
+    threads = [threading.Thread(target=work, args=(number,)) for number in range(4)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    children = []
+    for number in range(30):
+        time.sleep(0.002)
+        pid = os.fork()
+        if pid == 0:
+            import faulthandler
+            faulthandler.dump_traceback_later(10, exit=True)
+            with client.track_run("fork-child", f"c{number}"):
+                pass
+            client.close()
+            os._exit(0)
+        children.append(pid)
+    statuses = [os.waitpid(pid, 0)[1] for pid in children]
+    for thread in threads:
+        thread.join()
+    print(json.dumps([status for status in statuses if status != 0]))
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_fork_while_threads_open_index(tmp_path: Path, attempt: int) -> None:
+    """Children forked while other threads open their index connections never hang."""
+    result = run_python(FORK_STORM, {"XDG_DATA_HOME": str(tmp_path / f"data-{attempt}")})
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [], result.stderr
 
 
 def test_unreadable_mapping_payload(tmp_path: Path) -> None:
