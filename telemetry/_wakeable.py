@@ -45,9 +45,18 @@ class WakeableThread(Generic[_Owner]):
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._closed = False
+        self._start_failed = False
 
-    def wake(self) -> None:
-        """Ask the thread to run the task once more, starting the thread if needed."""
+    def wake(self) -> bool:
+        """Ask the thread to run the task once more, starting the thread if needed.
+
+        Returns False, with a WARNING, when the thread cannot start (no memory for one,
+        or an interpreter that is shutting down), and after close(). The caller then does
+        the work itself.
+        """
+        if self._closed:
+            return False
         pid = os.getpid()
         if self._pid != pid:
             # A forked child: the parent's thread does not run here, and the lock may have
@@ -57,9 +66,22 @@ class WakeableThread(Generic[_Owner]):
             self._pid = pid
         if self._thread is None:
             with self._lock:
+                if self._closed:
+                    return False
                 if self._thread is None:
-                    self._start()
+                    try:
+                        self._start()
+                    except RuntimeError as exc:
+                        self._warn_start_failed(exc)
+                        return False
         self._wake.set()
+        return True
+
+    def close(self) -> None:
+        """Stop the thread as stop() does, for good: later wakes return False."""
+        with self._lock:
+            self._closed = True
+        self.stop()
 
     def stop(self) -> None:
         """Stop the thread, waiting up to 2 s for a task in progress. A later wake() restarts it."""
@@ -76,6 +98,16 @@ class WakeableThread(Generic[_Owner]):
             logger.warning(
                 "thread %s did not stop within %.0f s", thread.name, _JOIN_TIMEOUT_SECONDS
             )
+
+    def _warn_start_failed(self, exc: RuntimeError) -> None:
+        # Called with self._lock held. Once per thread object: a process out of threads
+        # would otherwise log it on every call.
+        if self._start_failed:
+            return
+        self._start_failed = True
+        logger.warning(
+            "cannot start thread %s (%s), so its work runs on the calling threads", self.name, exc
+        )
 
     def _start(self) -> None:
         # Called with self._lock held. Each thread has its own events, so that a stopped

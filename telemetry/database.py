@@ -1196,10 +1196,13 @@ class DatabaseWriter:
         generation = self._generation
         connection = self._retry_while_locked("open connection", None, self._open_in_gate)
         with self._lock:
+            # While atexit hooks run, the main thread counts as not alive although it
+            # still uses its connection, so its connection is never closed here.
+            main = threading.main_thread()
             finished = [
                 entry
                 for entry in self._open_connections
-                if entry.pid == pid and not entry.thread.is_alive()
+                if entry.pid == pid and entry.thread is not main and not entry.thread.is_alive()
             ]
             self._open_connections = [
                 entry for entry in self._open_connections if entry not in finished

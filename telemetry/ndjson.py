@@ -30,6 +30,7 @@ Needs a POSIX system: the torn-line check uses ``os.pread`` and the fork handlin
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import errno
@@ -163,6 +164,10 @@ class NDJSONWriter:
         self._sync_thread = WakeableThread(
             f"telemetry-journal-sync-{self.directory.name}", self, _sync_ahead
         )
+        # (first, last, error) of the line numbers whose fsync on the sync thread failed.
+        self._sync_failures: collections.deque[tuple[int, int, OSError]] = collections.deque(
+            maxlen=_SYNC_FAILURES_KEPT
+        )
         self._repeats = RepeatLimiter(burst=_REPEAT_BURST, every=_REPEAT_EVERY)
 
     # -- writing ------------------------------------------------------------------------------
@@ -210,8 +215,7 @@ class NDJSONWriter:
         walked a second time. That value must be what make_jsonable returned.
         """
         seq = self._write_record(record_type, data, timestamp, converted_key)
-        if self.durability == "fsync":
-            self._wait_until_durable(seq)
+        self._wait_durable(seq)
 
     def _write_record(
         self,
@@ -259,10 +263,19 @@ class NDJSONWriter:
         """Return when line ``seq`` is on disk in ``"fsync"`` mode, and at once in the others.
 
         Raises:
-            OSError: the fsync failed.
+            OSError: the fsync failed, this caller's or the sync thread's for this line.
         """
-        if self.durability == "fsync":
-            self._wait_until_durable(seq)
+        if self.durability != "fsync":
+            return
+        self._wait_until_durable(seq)
+        with self._durable:
+            failure = next(
+                (exc for low, high, exc in self._sync_failures if low <= seq <= high), None
+            )
+        if failure is not None:
+            # Linux reports a failed write-back to one fsync only, so the fsync that
+            # _wait_until_durable retried may have succeeded without the line.
+            raise OSError(failure.errno, f"the fsync of this journal line failed: {failure}")
 
     def flush(self) -> None:
         """Fsync every line this writer has written so far, and return when they are on disk.
@@ -288,7 +301,7 @@ class NDJSONWriter:
             self._closed = True
             thread, self._batch_thread = self._batch_thread, None
             self._batch_stop.set()
-        self._sync_thread.stop()
+        self._sync_thread.close()
 
         if thread is not None:
             thread.join(_THREAD_JOIN_TIMEOUT_SECONDS)
@@ -670,16 +683,23 @@ def _run_batch_fsync(
 # -- file helpers -------------------------------------------------------------------------------
 
 
+# Failed fsyncs of the sync thread remembered for the callers whose lines they covered.
+# Each caller checks right after its own wait, so a few are enough.
+_SYNC_FAILURES_KEPT = 16
+
+
 def _sync_ahead(writer: NDJSONWriter) -> None:
     # The task of the sync thread: it leads a group commit of every line written so far.
-    # The callers waiting for those lines see the outcome through _wait_until_durable, and
-    # a caller whose line is not on disk after a failure fsyncs again itself and gets the
-    # error.
+    # A failure is kept for the callers of the lines it covered: each of them fsyncs
+    # again in _wait_until_durable, which may succeed without the line, and then raises
+    # the kept error in _wait_durable.
     with writer._lock:
         target = writer._written_seq
     try:
         writer._wait_until_durable(target)
     except OSError as exc:
+        with writer._durable:
+            writer._sync_failures.append((writer._synced_seq + 1, target, exc))
         logger.debug("early fsync of %s failed: %s", writer.directory, exc)
 
 

@@ -24,10 +24,12 @@ from tmpfs_support import fill_file_system, mounted_tmpfs
 from telemetry import TelemetryClient, TelemetryConfig
 from telemetry.cli import _check, main
 from telemetry.cli._context import CommandContext
+from telemetry.consistency import Consistency
 from telemetry.database import DatabaseWriter
 from telemetry.journal import JournalReader
 from telemetry.models import RunRecord, generate_run_id, get_iso8601_timestamp
 from telemetry.ndjson import NDJSONWriter
+from telemetry.stale import AbandonResult, StaleRun
 
 TOKEN = "tok-3f9a2c1b7d4e5a60-secret"
 WAIT_SECONDS = 20.0
@@ -985,3 +987,18 @@ def test_help_has_example(capsys: pytest.CaptureFixture[str], command: str) -> N
     assert code == 0
     assert f"telemetry {command}" in output
     assert "example" in output
+
+
+def test_repair_counts_restored_run_ended_meanwhile() -> None:
+    """A stale run with a journaled end that its agent ended meanwhile leaves nothing."""
+    record = RunRecord(
+        run_id="run-1", agent_name="a", job_type="j", start_time=get_iso8601_timestamp()
+    )
+    findings = _check._Findings(
+        consistency=Consistency([], [], [("run-1", "running", "failed")]),
+        stale=[StaleRun(record, "gone")],
+        repair=AbandonResult([], [("run-1", "failed")], [], []),
+    )
+
+    assert findings.problems() == 2
+    assert findings.unrepaired() == 0

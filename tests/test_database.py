@@ -10,6 +10,7 @@ import re
 import signal
 import sqlite3
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -942,3 +943,36 @@ def test_page_cache_size_invalid(db_path: Path, size: object) -> None:
     """A page cache size that is not a positive int raises, naming the value."""
     with pytest.raises(ValueError, match="invalid page_cache_kib"):
         DatabaseWriter(db_path, page_cache_kib=size)  # type: ignore[arg-type]
+
+
+EXIT_HOOK_SCRIPT = """
+import atexit, sys, threading
+from telemetry.database import DatabaseWriter
+
+index = DatabaseWriter(sys.argv[1])
+index.count_runs()
+
+def at_exit():
+    # The main thread counts as not alive here, while it still uses its connection.
+    thread = threading.Thread(target=index.count_runs)
+    thread.start()
+    thread.join()
+    print(index.count_runs())
+
+atexit.register(at_exit)
+"""
+
+
+def test_exit_hook_keeps_main_connection(db_path: Path) -> None:
+    """A thread that opens its connection during atexit leaves the main thread's open."""
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_HOOK_SCRIPT, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0", result.stderr
+    assert "closed database" not in result.stderr

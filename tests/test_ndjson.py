@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections import namedtuple
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -608,6 +609,60 @@ def test_sync_ahead_other_modes(tmp_path: Path, durability: str) -> None:
     names = [thread.name for thread in threading.enumerate()]
     writer.close()
 
+    assert f"telemetry-journal-sync-{tmp_path.name}" not in names
+
+
+def test_sync_failure_raised_after_retry(tmp_path: Path) -> None:
+    """A failed fsync on the sync thread is raised to the caller, though a retry succeeds."""
+    writer = NDJSONWriter(tmp_path, durability="fsync")
+    real_fsync = writer._fsync
+    calls: list[str] = []
+
+    def fail_on_sync_thread(fd: int) -> None:
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name.startswith("telemetry-journal-sync-"):
+            raise OSError(errno.EIO, "simulated write-back error")
+        real_fsync(fd)
+
+    writer._fsync = fail_on_sync_thread
+    seq = writer._write_record("event", event(seq=1), None, None, sync_ahead=True)
+    # Let the sync thread's fsync fail before the caller's own fsync could cover the line.
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_SECONDS
+    while not writer._sync_failures and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with pytest.raises(OSError, match="simulated write-back error"):
+        writer._wait_durable(seq)
+    writer._fsync = real_fsync
+    writer.append("event", event(seq=2))
+    writer.close()
+
+
+def test_sync_thread_not_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the sync thread cannot start, the caller fsyncs its line itself."""
+    writer = NDJSONWriter(tmp_path, durability="fsync")
+    inodes = count_fsyncs(writer)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    seq = writer._write_record("event", event(seq=1), None, None, sync_ahead=True)
+    writer._wait_durable(seq)
+    monkeypatch.undo()
+    writer.close()
+
+    assert len(inodes) >= 1
+    assert writer.read_file(DATE)[0]["payload"]["seq"] == 1
+
+
+def test_wake_after_close_starts_nothing(tmp_path: Path) -> None:
+    """A line written while close() runs does not start the sync thread again."""
+    writer = NDJSONWriter(tmp_path, durability="fsync")
+    writer.append("event", event(seq=1))
+    writer.close()
+
+    assert writer._sync_thread.wake() is False
+    names = [thread.name for thread in threading.enumerate()]
     assert f"telemetry-journal-sync-{tmp_path.name}" not in names
 
 

@@ -197,3 +197,34 @@ def test_checkpoint_failures_logged_sparsely(caplog: pytest.LogCaptureFixture) -
     assert len(warnings) == 2
     assert "database is locked" in warnings[0]
     assert "101 failures" in warnings[1]
+
+
+def test_start_failure_warns_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread that cannot start makes wake() return False, with one WARNING."""
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    thread = WakeableThread("test-no-start", Owner(), count_run)
+    with caplog.at_level(logging.WARNING, logger="telemetry"):
+        results = [thread.wake(), thread.wake()]
+    warnings = [r.getMessage() for r in caplog.records if "test-no-start" in r.getMessage()]
+
+    assert results == [False, False]
+    assert len(warnings) == 1
+    assert "can't start new thread" in warnings[0]
+
+
+def test_close_is_final() -> None:
+    """After close(), wake() starts no thread and returns False."""
+    owner = Owner()
+    thread = WakeableThread("test-close-final", owner, count_run)
+    thread.wake()
+    assert owner.ran.wait(WAIT_SECONDS)
+    thread.close()
+
+    assert thread.wake() is False
+    assert live_threads("test-close-final") == []

@@ -150,15 +150,17 @@ class _Findings:
         """Count the findings that --repair fixed.
 
         Those are the stale runs that are no longer running, and the differences in
-        status of the runs whose journaled end the repair wrote into the index.
+        status of the runs that ended since the check found them: by the journaled end
+        that the repair wrote into the index, or by their own agent.
         """
         if self.repair is None:
             return 0
         restored = {run_id for run_id, _ in self.repair.restored}
+        ended = restored | {run_id for run_id, _ in self.repair.ended_meanwhile}
         differences = 0
         if self.consistency is not None:
             differences = sum(
-                1 for run_id, _, _ in self.consistency.status_differs if run_id in restored
+                1 for run_id, _, _ in self.consistency.status_differs if run_id in ended
             )
         no_longer_running = len(self.repair.abandoned) + len(self.repair.ended_meanwhile)
         return no_longer_running + len(restored) + differences
