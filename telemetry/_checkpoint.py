@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable
 
 from telemetry._wakeable import WakeableThread
@@ -60,12 +61,13 @@ class BackgroundCheckpointer:
         if self._commits % COMMITS_PER_CHECKPOINT == 0:
             self._thread.wake()
 
-    def stop(self) -> None:
+    def stop(self) -> threading.Thread | None:
         """Stop the thread, waiting up to 2 s for a checkpoint in progress.
 
-        A later commit starts it again.
+        Returns the thread if its checkpoint still runs after the wait, else None. A later
+        commit starts it again.
         """
-        self._thread.stop()
+        return self._thread.stop()
 
 
 def _run_once(owner: BackgroundCheckpointer) -> None:

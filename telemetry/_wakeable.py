@@ -61,9 +61,11 @@ class WakeableThread(Generic[_Owner]):
         if self._pid != pid:
             # A forked child: the parent's thread does not run here, and the lock may have
             # been held by another of the parent's threads.
-            self._lock = threading.Lock()
-            self._thread = None
-            self._pid = pid
+            with _fork_reset_lock:
+                if self._pid != pid:
+                    self._lock = threading.Lock()
+                    self._thread = None
+                    self._pid = pid
         if self._thread is None:
             with self._lock:
                 if self._closed:
@@ -83,21 +85,24 @@ class WakeableThread(Generic[_Owner]):
             self._closed = True
         self.stop()
 
-    def stop(self) -> None:
-        """Stop the thread, waiting up to 2 s for a task in progress. A later wake() restarts it."""
+    def stop(self) -> threading.Thread | None:
+        """Stop the thread, waiting up to 2 s for a task in progress. A later wake() restarts it.
+
+        Returns the thread if it is still running its task after the wait, else None.
+        """
         with self._lock:
             thread, self._thread = self._thread, None
             if thread is None or self._pid != os.getpid():
-                return
+                return None
             self._stop.set()
             self._wake.set()
         if thread is threading.current_thread():
-            return
+            return None
         thread.join(_JOIN_TIMEOUT_SECONDS)
-        if thread.is_alive():
-            logger.warning(
-                "thread %s did not stop within %.0f s", thread.name, _JOIN_TIMEOUT_SECONDS
-            )
+        if not thread.is_alive():
+            return None
+        logger.warning("thread %s did not stop within %.0f s", thread.name, _JOIN_TIMEOUT_SECONDS)
+        return thread
 
     def _warn_start_failed(self, exc: RuntimeError) -> None:
         # Called with self._lock held. Once per thread object: a process out of threads
@@ -126,6 +131,20 @@ class WakeableThread(Generic[_Owner]):
         if owner is not None:
             # The thread ends as soon as its owner is collected, not at its next idle wake.
             weakref.finalize(owner, _signal_stop, self._stop, self._wake)
+
+
+# Taken by the first wake() of each WakeableThread in a forked child, so that two threads
+# of the child cannot both start a thread for it.
+_fork_reset_lock = threading.Lock()
+
+
+def _new_fork_reset_lock() -> None:
+    global _fork_reset_lock
+    _fork_reset_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_fork_reset_lock)
 
 
 def _signal_stop(stop: threading.Event, wake: threading.Event) -> None:

@@ -277,8 +277,10 @@ def _checkpoint(writer_ref: weakref.ref[DatabaseWriter]) -> tuple[int, int, int]
     writer = writer_ref()
     if writer is None:
         return None
+    # Opened outside the gate, so that the retries of a locked open keep no fork waiting.
+    connection = writer._connection()
     with _fork_gate.entered():
-        row = writer._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        row = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
 
@@ -1045,13 +1047,22 @@ class DatabaseWriter:
         Corrupt An SQLite Database File" warns against using a connection across fork(),
         and closing one is such a use.
         """
+        still_checkpointing = None
         if self._checkpointer is not None:
-            self._checkpointer.stop()
+            still_checkpointing = self._checkpointer.stop()
         pid = os.getpid()
         with self._lock:
             self._generation += 1
-            closing = [entry for entry in self._open_connections if entry.pid == pid]
-            self._open_connections = [entry for entry in self._open_connections if entry.pid != pid]
+            # A checkpoint that outlasted the wait keeps its connection, which the
+            # cleanup of finished threads closes once it ends.
+            closing = [
+                entry
+                for entry in self._open_connections
+                if entry.pid == pid and entry.thread is not still_checkpointing
+            ]
+            self._open_connections = [
+                entry for entry in self._open_connections if entry not in closing
+            ]
         for entry in closing:
             try:
                 with _fork_gate.entered():
