@@ -411,7 +411,7 @@ class TelemetryClient:
         """End the runs still open as abandoned, flush the journal, and close everything.
 
         With the OpenTelemetry bridge's own pipeline, the spans not yet exported are given
-        up to ``config.end_run_timeout`` seconds to reach the collector. The interpreter's
+        up to ``config.end_run_timeout`` seconds, and at least 1 s, to reach the collector. The interpreter's
         exit calls it for every client. After close, calls are accepted but record
         nothing, with a warning. Idempotent; faults are logged.
         """
