@@ -894,7 +894,7 @@ def test_background_checkpoint_keeps_limit(db_path: Path) -> None:
 
 
 def test_background_checkpoint_bounds_log(db_path: Path) -> None:
-    """Many runs with background checkpoints leave a log of a few thousand pages at most."""
+    """Many runs with background checkpoints leave a log that SQLite restarts now and then."""
     background = DatabaseWriter(db_path, checkpoint_in_background=True)
     for index in range(1500):
         run_id = f"run-{index}"
@@ -902,9 +902,11 @@ def test_background_checkpoint_bounds_log(db_path: Path) -> None:
         background.update_run(run_id, status="success")
     wal_size = Path(f"{db_path}-wal").stat().st_size
     background.close()
-    # The runs write about 24,000 frames. The log was seen at about 1,500 pages, probably
-    # where a commit's checkpoint met the thread's and stopped short of the end.
-    assert wal_size < 2500 * 4096
+    # The runs write about 24,000 frames, so a log that SQLite never restarts would pass
+    # 20,000 pages. While the thread checkpoints, the commits' own checkpoints are skipped,
+    # so the log passes 1,000 pages by the commits of one checkpoint: about 1,500 pages
+    # were seen, and 2,800 with two test runs in parallel on two CPUs.
+    assert wal_size < 10_000 * 4096
 
 
 def test_background_checkpoint_runs(db_path: Path) -> None:
