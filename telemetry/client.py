@@ -411,9 +411,9 @@ class TelemetryClient:
         """End the runs still open as abandoned, flush the journal, and close everything.
 
         With the OpenTelemetry bridge's own pipeline, the spans not yet exported are given
-        up to ``config.end_run_timeout`` seconds, and at least 1 s, to reach the collector. The interpreter's
-        exit calls it for every client. After close, calls are accepted but record
-        nothing, with a warning. Idempotent; faults are logged.
+        up to ``config.end_run_timeout`` seconds, and at least 1 s, to reach the
+        collector. The interpreter's exit calls it for every client. After close, calls
+        are accepted but record nothing, with a warning. Idempotent; faults are logged.
         """
         with self._lock:
             if self._closed:

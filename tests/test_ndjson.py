@@ -642,10 +642,10 @@ def test_sync_thread_not_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     writer = NDJSONWriter(tmp_path, durability="fsync")
     inodes = count_fsyncs(writer)
 
-    def refuse(self: threading.Thread) -> None:
+    def reject_start(self: threading.Thread) -> None:
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(threading.Thread, "start", refuse)
+    monkeypatch.setattr(threading.Thread, "start", reject_start)
     seq = writer._write_record("event", event(seq=1), None, None, sync_ahead=True)
     writer._wait_durable(seq)
     monkeypatch.undo()

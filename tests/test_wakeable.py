@@ -35,7 +35,7 @@ def count_run(owner: Owner) -> None:
 
 
 def wait_until(condition: Callable[[], bool]) -> bool:
-    """Poll ``condition`` until it holds or WAIT_SECONDS pass; return whether it held."""
+    """Poll ``condition`` until it is true or WAIT_SECONDS pass, and return its last value."""
     deadline = time.monotonic() + WAIT_SECONDS
     while not condition():
         if time.monotonic() > deadline:
@@ -204,10 +204,10 @@ def test_start_failure_warns_once(
 ) -> None:
     """A thread that cannot start makes wake() return False, with one WARNING."""
 
-    def refuse(self: threading.Thread) -> None:
+    def reject_start(self: threading.Thread) -> None:
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(threading.Thread, "start", refuse)
+    monkeypatch.setattr(threading.Thread, "start", reject_start)
     thread = WakeableThread("test-no-start", Owner(), count_run)
     with caplog.at_level(logging.WARNING, logger="telemetry"):
         results = [thread.wake(), thread.wake()]

@@ -150,8 +150,8 @@ class _Findings:
         """Count the findings that --repair fixed.
 
         Those are the stale runs that are no longer running, and the differences in
-        status of the runs that ended since the check found them: by the journaled end
-        that the repair wrote into the index, or by their own agent.
+        status of the runs that ended since the check found them. Such a run ended by the
+        journaled end that the repair wrote into the index, or by its own agent.
         """
         if self.repair is None:
             return 0

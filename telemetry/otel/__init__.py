@@ -73,6 +73,16 @@ def open_bridge(config: TelemetryConfig) -> OTelBridge | None:
     except ImportError as exc:
         _warn_missing(exc)
         return None
+    except Exception as exc:
+        # A broken installation can fail at import in other ways.
+        logger.error(
+            "cannot import the OpenTelemetry bridge, so runs are not sent as spans: %s: %s. "
+            "Reinstall it with %s",
+            type(exc).__name__,
+            exc,
+            INSTALL_HINT,
+        )
+        return None
     try:
         return OTelBridge(flush_timeout=config.end_run_timeout)
     except Exception as exc:

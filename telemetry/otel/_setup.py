@@ -242,8 +242,8 @@ def build_exporter(endpoint: str) -> OTLPSpanExporter:
     parsed = otlp_headers()
     _warn_invalid_headers(parsed)
     left_out = parsed.invalid_value_names - parsed.headers.keys()
-    # NOTE: this session takes the place of one that
-    # OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER would name.
+    # NOTE: this session replaces the one that
+    # OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER names, if that is set.
     session = _HeaderFilteringSession(left_out) if left_out else None
     with _sdk_header_warnings_dropped():
         return OTLPSpanExporter(endpoint=endpoint, headers=parsed.headers, session=session)
