@@ -153,12 +153,12 @@ def cap_attributes(
     """
     if limit is None or len(attributes) <= limit:
         return attributes, 0
-    kept_count = max(limit - 1, 0)
-    kept = dict(list(attributes.items())[:kept_count])
-    dropped = len(attributes) - kept_count
+    fitting = max(limit - 1, 0)
+    capped = dict(list(attributes.items())[:fitting])
+    dropped = len(attributes) - fitting
     if limit > 0:
-        kept[DROPPED_ATTRIBUTES] = dropped
-    return kept, dropped
+        capped[DROPPED_ATTRIBUTES] = dropped
+    return capped, dropped
 
 
 def event_attributes(payload: Mapping[str, Any]) -> dict[str, AttributeValue]:
